@@ -1,0 +1,249 @@
+"""The ``anybit`` command: quantize, eval, generate, inspect.
+
+Bad input ends with one line ``anybit: error: ...`` on stderr and exit code 2; an
+interrupted run exits 130. Progress goes to stderr; ``--json`` output to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import AnybitError
+
+DEFAULT_QUICK_WINDOWS = 16
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise AnybitError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="shared data folder (models/ and corpora/); default ../shared/data or $ANYBIT_DATA")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--kernel", default=None, help="kernel backend: auto (default) or reference")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="anybit", description="Post-training quantization of LLMs to any bit width.")
+    parser.add_argument("--version", action="version", version=f"anybit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize a model (and save it, or print ppl before/after)")
+    q.add_argument("model", nargs="?", default=None, help="model folder, .gguf, or smollm2-135m (default) / stories260k")
+    q.add_argument("--method", default="rtn")
+    q.add_argument("--scheme", help="e.g. W4A16G128, W3A16, W6A6 (sets --wbits/--abits/--group-size)")
+    q.add_argument("--wbits", type=int, default=None)
+    q.add_argument("--abits", type=int, default=None)
+    q.add_argument("--group-size", type=int, default=None, help="-1 = per output channel (default 128)")
+    q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
+    q.add_argument("--clip-search", action="store_true", help="RTN: search a range shrink per group")
+    q.add_argument("--skip", action="append", default=[], help="regex of layers to keep in float (repeatable)")
+    q.add_argument("--calib", default="c4", help="calibration text: c4 (default), wikitext2, ptb or a .txt/.jsonl path")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", help="output folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    q.add_argument("--eval", nargs="?", const="wikitext2", default=None,
+                   help="print perplexity before and after on this text (default without --out: wikitext2)")
+    q.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
+    q.add_argument("--max-windows", type=int, default=None,
+                   help=f"evaluation windows (default without --out: {DEFAULT_QUICK_WINDOWS}; with --eval: all)")
+    q.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    _add_common(q)
+
+    e = sub.add_parser("eval", help="perplexity (and KL against a reference model)")
+    e.add_argument("model", nargs="?", default=None, help="quantized folder, model folder, .gguf or built-in name")
+    e.add_argument("--dataset", default=None, help="wikitext2 (default), ptb, c4 or a .txt/.jsonl path")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--kl-against", default=None, help="reference (unquantized) model for KL divergence")
+    e.add_argument("--json", action="store_true")
+    _add_common(e)
+
+    g = sub.add_parser("generate", help="greedy generation")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    _add_common(g)
+
+    i = sub.add_parser("inspect", help="method, scheme, bits per weight per layer, size on disk")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    return parser
+
+
+def _setup(args) -> None:
+    if getattr(args, "data_dir", None):
+        os.environ["ANYBIT_DATA"] = args.data_dir
+    if getattr(args, "quiet", False):
+        os.environ["ANYBIT_QUIET"] = "1"
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "kernel", None):
+        from . import kernels
+
+        kernels.set_backend(args.kernel)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _config_from_args(args):
+    from .config import QuantConfig, parse_scheme
+
+    wbits, abits, group = 4, 16, 128
+    if args.scheme:
+        sch = parse_scheme(args.scheme)
+        wbits, abits = sch.wbits, sch.abits
+        group = sch.group_size if sch.group_size is not None else group
+    wbits = args.wbits if args.wbits is not None else wbits
+    abits = args.abits if args.abits is not None else abits
+    group = args.group_size if args.group_size is not None else group
+    options = {"clip_search": True} if args.clip_search else {}
+    cfg = QuantConfig(method=args.method, wbits=wbits, abits=abits, group_size=group, sym=args.sym, seed=args.seed,
+                      skip=tuple(args.skip), options=options)
+    cfg.validate()
+    return cfg
+
+
+def cmd_quantize(args) -> int:
+    from . import evaluate, quantize, save
+    from .data import calibration_windows, eval_windows, load_text
+    from .eval import perplexity
+    from .methods import get_method
+    from .models import DEFAULT_MODEL, load_model
+    from .pipeline import check_finite
+    from .progress import measure
+
+    config = _config_from_args(args)
+    method = get_method(config.method)
+    method.validate(config)
+    model_name = args.model or DEFAULT_MODEL
+    quick = args.out is None and args.eval is None
+    eval_name = args.eval or ("wikitext2" if args.out is None else None)
+    max_windows = args.max_windows if args.max_windows is not None else (DEFAULT_QUICK_WINDOWS if quick else None)
+    eval_seqlen = args.eval_seqlen or args.seqlen
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise AnybitError(f"output folder {args.out} already exists; choose another --out or pass --overwrite")
+
+    with measure() as m_load:
+        lm = load_model(model_name)
+    check_finite(lm.model)
+    _log(f"anybit: loaded {lm.source} in {m_load.seconds:.1f} s")
+    report: dict = {"model": lm.source, "method": config.method, "scheme": config.scheme, "load_seconds": m_load.seconds}
+
+    windows = None
+    eval_text = None
+    if eval_name:
+        eval_text = load_text(eval_name, "test", fallback=args.eval is None)
+        windows = eval_windows(lm.tokenizer, eval_text, eval_seqlen, max_windows)
+    calib = None
+    if method.needs_calibration:
+        calib_text = load_text(args.calib, "train", fallback=args.calib == "c4")
+        if eval_text is not None and calib_text.identity == eval_text.identity:
+            raise AnybitError(f"calibration text {calib_text.description} is the evaluation text; calibrate on another source")
+        calib = calibration_windows(lm.tokenizer, calib_text, args.nsamples, args.seqlen, args.seed)
+        report["calibration"] = {"source": calib_text.description, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                 "seed": args.seed}
+        _log(f"anybit: calibration {calib_text.description}: {args.nsamples} x {args.seqlen} tokens, seed {args.seed}")
+
+    progress = os.environ.get("ANYBIT_QUIET") != "1"
+    if windows is not None:
+        before = perplexity(lm.model, windows, dataset=eval_text.name, progress=progress)
+        report["before"] = before.to_dict()
+        _log(f"anybit: before: {before.summary()}")
+    with measure() as m_q:
+        quantize(lm.model, config, calib, progress=progress)
+    report["quantize_seconds"] = m_q.seconds
+    report["quantize_peak_rss_mib"] = m_q.peak_rss_mib
+    _log(f"anybit: quantized ({config.method} {config.scheme}) in {m_q.seconds:.1f} s, peak RSS {m_q.peak_rss_mib:.0f} MiB")
+    if windows is not None:
+        after = perplexity(lm.model, windows, dataset=eval_text.name, progress=progress)
+        report["after"] = after.to_dict()
+        _log(f"anybit: after:  {after.summary()}")
+    if args.out:
+        out = save(lm.model, lm.tokenizer, args.out, overwrite=args.overwrite)
+        report["out"] = str(out)
+        _log(f"anybit: saved {out}")
+    if args.json:
+        print(json.dumps(report))
+    elif windows is not None:
+        print(f"{eval_text.name} seqlen {eval_seqlen}, {windows.shape[0]} windows, {windows.numel()} tokens: "
+              f"ppl before {report['before']['ppl']:.4f}, after {report['after']['ppl']:.4f} "
+              f"({config.method} {config.scheme})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate
+    from .models import DEFAULT_MODEL, load_model
+
+    lm = load_model(args.model or DEFAULT_MODEL)
+    ref = load_model(args.kl_against).model if args.kl_against else None
+    progress = os.environ.get("ANYBIT_QUIET") != "1"
+    res = evaluate(lm.model, lm.tokenizer, args.dataset or "wikitext2", args.seqlen, args.max_windows, reference=ref,
+                   progress=progress, fallback=args.dataset is None)
+    if args.json:
+        print(json.dumps({"model": lm.source, **res.to_dict()}))
+    else:
+        print(res.summary())
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .eval import generate
+    from .models import load_model
+
+    if args.max_new_tokens < 1:
+        raise AnybitError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    lm = load_model(args.model)
+    print(generate(lm.model, lm.tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .io import inspect
+
+    info = inspect(args.path)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['path']}: method {info['method']}, scheme {info['scheme']}, format {info['format']}")
+    print(f"quantized layers {info['quantized_layers']}, {info['quantized_weights']} weights, "
+          f"{info['bits_per_weight']} bits/weight; size on disk {info['size_on_disk_bytes'] / 2**20:.2f} MiB")
+    for name, layer in info["layers"].items():
+        print(f"  {name:40s} {layer['shape'][0]:>6d}x{layer['shape'][1]:<6d} {layer['format']}{layer['bits']} "
+              f"g{layer['group_size']} {'sym' if layer['sym'] else 'asym'} A{layer['abits']} "
+              f"{layer['bits_per_weight']:.3f} b/w")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _setup(args)
+        return COMMANDS[args.command](args)
+    except AnybitError as e:
+        print(f"anybit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anybit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

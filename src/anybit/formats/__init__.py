@@ -1,0 +1,21 @@
+"""Number formats: one module per format, each a :class:`WeightFormat`; registered here."""
+
+from __future__ import annotations
+
+from ..errors import AnybitError
+from .base import FormatSpec, WeightFormat
+from .int import IntFormat
+
+FORMATS: dict[str, WeightFormat] = {
+    "int": IntFormat(),
+}
+
+
+def get_format(name: str) -> WeightFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise AnybitError(f"unknown weight format {name!r}; known: {', '.join(sorted(FORMATS))}") from None
+
+
+__all__ = ["FORMATS", "FormatSpec", "WeightFormat", "get_format"]

@@ -1,0 +1,123 @@
+"""Uniform integer weights (the INT format of SPEC §2).
+
+Asymmetric: ``q = clamp(round(w/s) + z, 0, 2^b-1)``, ``w ≈ s·(q - z)``, with
+``s = (max - min) / (2^b - 1)`` and ``z = round(-min / s)`` per group.
+Symmetric: ``q ∈ [-2^(b-1), 2^(b-1)-1]``, ``s = absmax / (2^(b-1)-1)``; stored as the
+unsigned code ``q + 2^(b-1)`` so that both variants share one decode ``s·(code - z)``
+(symmetric has the constant ``z = 2^(b-1)``).
+
+Stored tensors (the packed layout):
+  ``qweight`` uint8 ``[N, ceil(K·b/8)]``  codes, :mod:`anybit.formats.bitpack` layout
+  ``scales``  float16 ``[N, G]``           one scale per (row, group)
+  ``qzeros``  uint8 ``[N, ceil(G·b/8)]``  zero points as b-bit codes (asymmetric only)
+Scales are rounded to float16 *before* the codes are computed, so the packed model is
+exactly the model that was evaluated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import bitpack
+from .base import FormatSpec, WeightFormat, expand_groups, grouped, num_groups
+
+SCALE_DTYPE = torch.float16
+# smallest scale kept: float16 subnormals below this lose precision
+_MIN_SCALE = 1e-5
+
+
+def qrange(bits: int, sym: bool) -> tuple[int, int]:
+    """Signed integer range of the grid: asym ``[0, 2^b-1]``, sym ``[-2^(b-1), 2^(b-1)-1]``."""
+    if sym:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def group_params(
+    w: torch.Tensor, spec: FormatSpec, shrink: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(scales [N, G] float32 on the float16 grid, zeros [N, G] float32 integers)``.
+
+    ``shrink`` (scalar or ``[N, G]``) scales the min/max range, for clipping search.
+    """
+    wg, mask = grouped(w.float(), spec.group_size)
+    big = torch.finfo(torch.float32).max
+    wmax = torch.where(mask, wg, -big).amax(-1)
+    wmin = torch.where(mask, wg, big).amin(-1)
+    if spec.sym:
+        amax = torch.maximum(wmax.abs(), wmin.abs()) * shrink
+        s = amax / ((1 << (spec.bits - 1)) - 1)
+        s = s.clamp_min(_MIN_SCALE).to(SCALE_DTYPE).float()
+        z = torch.full_like(s, float(1 << (spec.bits - 1)))
+        return s, z
+    # asymmetric: the range always contains 0 so that zero weights stay exact
+    wmax = (wmax.clamp_min(0) * shrink)
+    wmin = (wmin.clamp_max(0) * shrink)
+    s = ((wmax - wmin) / ((1 << spec.bits) - 1)).clamp_min(_MIN_SCALE).to(SCALE_DTYPE).float()
+    z = torch.round(-wmin / s).clamp(0, (1 << spec.bits) - 1)
+    return s, z
+
+
+def encode(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+    """Codes ``uint8 [N, K]`` of ``w`` on the grid given by per-group scales and zeros."""
+    k = w.shape[-1]
+    s = expand_groups(scales, spec.group_size, k)
+    z = expand_groups(zeros, spec.group_size, k)
+    q = torch.round(w.float() / s) + z
+    return q.clamp(0, (1 << spec.bits) - 1).to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+    """Float32 weights ``s·(code - z)`` from unpacked codes, scales and zeros."""
+    k = codes.shape[-1]
+    s = expand_groups(scales.float(), spec.group_size, k)
+    z = expand_groups(zeros.float(), spec.group_size, k)
+    return s * (codes.float() - z)
+
+
+def fake_quantize(w: torch.Tensor, spec: FormatSpec, shrink: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (float32), the weight RTN would produce."""
+    s, z = group_params(w, spec, shrink)
+    return decode(encode(w, s, z, spec), s, z, spec)
+
+
+class IntFormat(WeightFormat):
+    name = "int"
+    min_bits = 2
+    max_bits = 8
+
+    def packed_layout(self, spec: FormatSpec, shape: tuple[int, int]):
+        n, k = shape
+        g = num_groups(spec.group_size, k)
+        layout = {
+            "qweight": ((n, bitpack.packed_bytes(k, spec.bits)), torch.uint8),
+            "scales": ((n, g), SCALE_DTYPE),
+        }
+        if not spec.sym:
+            layout["qzeros"] = ((n, bitpack.packed_bytes(g, spec.bits)), torch.uint8)
+        return layout
+
+    def pack(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: FormatSpec) -> dict[str, torch.Tensor]:
+        out = {"qweight": bitpack.pack(codes, spec.bits), "scales": scales.to(SCALE_DTYPE)}
+        if not spec.sym:
+            out["qzeros"] = bitpack.pack(zeros.to(torch.uint8), spec.bits)
+        return out
+
+    def unpack(self, packed: dict[str, torch.Tensor], spec: FormatSpec, shape: tuple[int, int]):
+        n, k = shape
+        codes = bitpack.unpack(packed["qweight"], spec.bits, k)
+        scales = packed["scales"].float()
+        if spec.sym:
+            zeros = torch.full_like(scales, float(1 << (spec.bits - 1)))
+        else:
+            zeros = bitpack.unpack(packed["qzeros"], spec.bits, scales.shape[-1]).float()
+        return codes, scales, zeros
+
+    def quantize(self, w, spec, shrink=1.0, scales=None, zeros=None):
+        """Round to nearest on the group grid (given ``scales``/``zeros``, or min/max ones)."""
+        if scales is None:
+            scales, zeros = group_params(w, spec, shrink)
+        return self.pack(encode(w, scales, zeros, spec), scales, zeros, spec)
+
+    def dequantize(self, packed, spec, shape):
+        return decode(*self.unpack(packed, spec, shape), spec)

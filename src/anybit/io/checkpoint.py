@@ -1,0 +1,216 @@
+"""Quantized checkpoints: a Hugging Face style folder, written atomically.
+
+``config.json`` (the model's config plus ``quantization_config``), ``model.safetensors``
+(float parameters and the packed tensors of every :class:`QuantLinear`), tokenizer files
+and ``generation_config.json``. Everything is written to a temporary sibling folder that
+is renamed into place at the end, so a crash never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import AnybitError
+from ..formats import FormatSpec, get_format
+
+WEIGHTS = "model.safetensors"
+
+
+def _state_for_disk(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    # tied embeddings share storage; keep one copy, ties are restored at load
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if ptr is not None and ptr in seen and v.shape == state[seen[ptr]].shape:
+            continue
+        if ptr is not None:
+            seen[ptr] = k
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def atomic_dir(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary folder beside ``out`` (checked to be writable)."""
+    if out.exists() and not overwrite:
+        raise AnybitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise AnybitError(f"output path {out} is a file; choose a folder path for --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise AnybitError(f"cannot write to {parent} ({e.strerror}); choose a writable --out") from None
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out`` (replacing an old ``out``)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save a quantized model (from :func:`anybit.quantize`) as a Hugging Face style folder."""
+    info = getattr(model, "anybit_info", None)
+    if info is None:
+        raise AnybitError("this model was not quantized by anybit; run anybit.quantize first")
+    out = Path(out_dir)
+    tmp = atomic_dir(out, overwrite)
+    try:
+        save_file(_state_for_disk(model), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "anybit"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["quantization_config"] = info
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_quant_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise AnybitError(f"{path} has no config.json; give a folder written by `anybit quantize`")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AnybitError(f"{cfg_path} is corrupt ({e.msg}); re-run anybit quantize") from None
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "anybit" or not isinstance(qc.get("layers"), dict):
+        raise AnybitError(f"{path} is not an anybit quantized model (no anybit quantization_config in config.json)")
+    return config
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    f = path / WEIGHTS
+    if not f.is_file():
+        raise AnybitError(f"{f} is missing; the checkpoint is incomplete, re-run anybit quantize")
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return {k: st.get_tensor(k) for k in st.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise AnybitError(f"{f} is corrupt ({msg}); re-run anybit quantize") from None
+
+
+def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
+    """Load a quantized folder: returns ``(model, tokenizer)`` with packed :class:`QuantLinear` layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import get_adapter
+    from ..models.loader import _quiet
+    from ..nn import QuantLinear
+
+    path = Path(path)
+    if not path.is_dir():
+        raise AnybitError(f"{path} does not exist or is not a folder; give a folder written by `anybit quantize`")
+    config = read_quant_config(path)
+    qc = config.pop("quantization_config")
+    state = _read_weights(path)
+    model_type = config.pop("model_type", None)
+    try:
+        hf_config = AutoConfig.for_model(model_type, **config)
+    except ValueError as e:
+        raise AnybitError(f"{path}/config.json: {e}") from None
+    with _quiet():
+        model = AutoModelForCausalLM.from_config(hf_config)
+    get_adapter(model)  # unsupported architectures fail here, clearly
+    for name, spec_d in qc["layers"].items():
+        spec = FormatSpec(spec_d["format"], int(spec_d["bits"]), int(spec_d["group_size"]), bool(spec_d["sym"]))
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise AnybitError(f"{path}: layer {name} in quantization_config is not in the model; the checkpoint is corrupt") from None
+        get_format(spec.format).validate(spec)
+        q = QuantLinear(linear.in_features, linear.out_features, spec, bias=linear.bias is not None,
+                        dtype=linear.weight.dtype)
+        model.set_submodule(name, q)
+    expected = model.state_dict()
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    missing = [k for k in expected if k not in state and not (tied and k.endswith("lm_head.weight"))]
+    unexpected = [k for k in state if k not in expected]
+    bad = [k for k in state if k in expected and (state[k].shape != expected[k].shape or state[k].dtype != expected[k].dtype)]
+    if missing or unexpected or bad:
+        what = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "") \
+            + (f" wrong shape/dtype {bad[:3]}" if bad else "")
+        raise AnybitError(f"{path}/{WEIGHTS} does not match its config ({what.strip()}); the checkpoint is corrupt")
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.tie_weights()
+    model.anybit_info = qc
+    model.eval()
+    if not (path / "tokenizer_config.json").is_file():
+        return model, None  # saved without a tokenizer
+    with _quiet():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise AnybitError(f"cannot load the tokenizer in {path} ({e.__class__.__name__}); the checkpoint is incomplete") from None
+    return model, tokenizer
+
+
+def inspect(path: str | os.PathLike) -> dict:
+    """Method, scheme, bits per weight per layer and size on disk, without loading weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AnybitError(f"{path} does not exist or is not a folder; give a folder written by `anybit quantize`")
+    config = read_quant_config(path)
+    qc = config["quantization_config"]
+    f = path / WEIGHTS
+    if not f.is_file():
+        raise AnybitError(f"{f} is missing; the checkpoint is incomplete, re-run anybit quantize")
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            shapes = {k: st.get_slice(k).get_shape() for k in st.keys()}
+    except (SafetensorError, OSError) as e:
+        raise AnybitError(f"{f} is corrupt ({e}); re-run anybit quantize") from None
+    layers = {}
+    qbits = 0.0
+    qweights = 0
+    for name, spec_d in qc["layers"].items():
+        spec = FormatSpec(spec_d["format"], int(spec_d["bits"]), int(spec_d["group_size"]), bool(spec_d["sym"]))
+        fmt = get_format(spec.format)
+        n, k = spec_d.get("out_features"), spec_d.get("in_features")
+        missing = [t for t in fmt.packed_layout(spec, (n or 1, k or 1)) if f"{name}.{t}" not in shapes]
+        if n is None or k is None or missing:
+            raise AnybitError(f"{f} lacks the tensors of layer {name}; the checkpoint is corrupt")
+        bpw = fmt.bits_per_weight(spec, (n, k))
+        layers[name] = {"shape": [n, k], "format": spec.format, "bits": spec.bits, "group_size": spec.group_size,
+                        "sym": spec.sym, "abits": spec_d.get("abits", 16), "bits_per_weight": round(bpw, 4)}
+        qbits += bpw * n * k
+        qweights += n * k
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return {
+        "path": str(path),
+        "method": qc.get("method"),
+        "scheme": qc.get("scheme"),
+        "format": qc.get("format"),
+        "quantized_layers": len(layers),
+        "quantized_weights": qweights,
+        "bits_per_weight": round(qbits / qweights, 4) if qweights else None,
+        "size_on_disk_bytes": size,
+        "weights_file_bytes": f.stat().st_size,
+        "layers": layers,
+    }

@@ -1,0 +1,21 @@
+"""Quantization methods: one module per algorithm, registered here."""
+
+from __future__ import annotations
+
+from ..errors import AnybitError
+from .base import LayerReport, Method, MethodResult
+from .rtn import RTN
+
+METHODS: dict[str, Method] = {
+    "rtn": RTN(),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise AnybitError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "LayerReport", "Method", "MethodResult", "get_method"]

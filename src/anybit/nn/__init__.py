@@ -1,0 +1,5 @@
+"""Quantized modules."""
+
+from .qlinear import QuantLinear
+
+__all__ = ["QuantLinear"]

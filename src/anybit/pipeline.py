@@ -1,0 +1,71 @@
+"""The pipeline, top to bottom: model -> calibration data -> method transforms each
+decoder block -> packed modules (then save / eval / run elsewhere)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .errors import AnybitError
+from .methods import MethodResult, get_method
+from .models import get_adapter
+from .nn import QuantLinear
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse NaN/Inf weights: quantizing them silently gives a broken model."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise AnybitError(f"weight {name} contains NaN or Inf; the source model is broken, re-export it")
+
+
+def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None,
+             progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with ``config`` and return it.
+
+    ``calibration``: LongTensor ``[nsamples, seqlen]`` of token windows, for methods that
+    need data (see :func:`anybit.data.calibration_windows`).
+    """
+    config.validate()
+    adapter = get_adapter(model)
+    method = get_method(config.method)
+    method.validate(config)
+    if method.needs_calibration and calibration is None:
+        raise AnybitError(f"method {method.name} needs calibration data; pass --calib NAME_OR_PATH")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise AnybitError("this model is already quantized; start from the float model")
+    check_finite(model)
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    result: MethodResult = method.run(model, adapter, config, calibration, progress=progress)
+    model.anybit_info = quantization_info(model, config, result, time.perf_counter() - t0)
+    return model
+
+
+def quantization_info(model: nn.Module, config: QuantConfig, result: MethodResult, seconds: float) -> dict:
+    """The ``quantization_config`` written to ``config.json``."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            layers[name] = {**m.spec.to_dict(), "abits": config.abits,
+                           "in_features": m.in_features, "out_features": m.out_features}
+    errors = {r.name: r.error for r in result.layers}
+    formats = sorted({v["format"] for v in layers.values()})
+    return {
+        "quant_method": "anybit",
+        "method": config.method,
+        "format": formats[0] if len(formats) == 1 else "mixed",
+        "bits": config.wbits,
+        "group_size": config.group_size,
+        "sym": config.sym,
+        "abits": config.abits,
+        "scheme": config.scheme,
+        "seed": config.seed,
+        "options": config.options,
+        "quantization_seconds": round(seconds, 3),
+        "layers": layers,
+        "layer_errors": errors,
+    }
