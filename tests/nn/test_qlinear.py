@@ -37,3 +37,16 @@ def test_unknown_backend_is_a_clear_error():
     with pytest.raises(AnybitError, match="unknown kernel backend"):
         with kernels.use("nope"):
             pass
+
+
+def test_dequant_cache_follows_packed_changes():
+    torch.manual_seed(0)
+    spec = FormatSpec("int", 4, 16, False)
+    q = QuantLinear.from_linear(nn.Linear(32, 8, bias=False), spec)
+    x = torch.randn(3, 32)
+    with kernels.use("reference"):
+        y1 = q(x)
+        q.scales.mul_(2)  # in place: the cache must notice
+        y2 = q(x)
+    assert torch.allclose(y2, 2 * y1, atol=1e-5)
+    assert torch.allclose(y2, F.linear(x, q.dequantize_weight()), atol=1e-6)
