@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from .errors import AnybitError
 
@@ -45,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
     q.add_argument("--clip-search", action="store_true", help="RTN: search a range shrink per group")
     q.add_argument("--skip", action="append", default=[], help="regex of layers to keep in float (repeatable)")
+    q.add_argument("--damp-percent", type=float, default=None, help="GPTQ dampening (default 0.01)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the float weight")
+    q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: quantize a block's linears together")
+    q.add_argument("--resume-dir", default=None,
+                   help="where calibrated methods save progress after each block (default: beside --out, "
+                        "else in ~/.cache/anybit/runs); re-running the same command resumes from it")
+    q.add_argument("--no-resume", action="store_true", help="start over even if a saved run matches")
     q.add_argument("--calib", default="c4", help="calibration text: c4 (default), wikitext2, ptb or a .txt/.jsonl path")
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
@@ -110,11 +120,42 @@ def _config_from_args(args):
     wbits = args.wbits if args.wbits is not None else wbits
     abits = args.abits if args.abits is not None else abits
     group = args.group_size if args.group_size is not None else group
-    options = {"clip_search": True} if args.clip_search else {}
+    options: dict = {}
+    if args.clip_search:
+        options["clip_search"] = True
+    if args.damp_percent is not None:
+        if not 0 <= args.damp_percent < 1:
+            raise AnybitError(f"--damp-percent must be in [0, 1), got {args.damp_percent}")
+        options["damp_percent"] = args.damp_percent
+    if args.act_order:
+        options["act_order"] = True
+    if args.static_groups:
+        options["static_groups"] = True
+    if args.no_true_sequential:
+        options["true_sequential"] = False
     cfg = QuantConfig(method=args.method, wbits=wbits, abits=abits, group_size=group, sym=args.sym, seed=args.seed,
                       skip=tuple(args.skip), options=options)
     cfg.validate()
     return cfg
+
+
+def _run_dir(args, model, config, calib) -> Path:
+    """The folder where a calibrated run saves its progress (see --resume-dir)."""
+    from .models.loader import cache_dir
+    from .pipeline import run_key
+
+    if args.resume_dir:
+        path = Path(args.resume_dir)
+    elif args.out:
+        out = Path(args.out)
+        path = out.with_name(f".{out.name}.partial")
+    else:
+        path = cache_dir() / "runs" / run_key(model, config, calib)
+    if args.no_resume:
+        shutil.rmtree(path, ignore_errors=True)
+    elif (path / "progress.json").is_file():
+        _log(f"anybit: resuming from {path} (--no-resume to start over)")
+    return path
 
 
 def cmd_quantize(args) -> int:
@@ -159,12 +200,15 @@ def cmd_quantize(args) -> int:
         _log(f"anybit: calibration {calib_text.description}: {args.nsamples} x {args.seqlen} tokens, seed {args.seed}")
 
     progress = os.environ.get("ANYBIT_QUIET") != "1"
+    run_dir = None
+    if method.needs_calibration:
+        run_dir = _run_dir(args, lm.model, config, calib)
     if windows is not None:
         before = perplexity(lm.model, windows, dataset=eval_text.name, progress=progress)
         report["before"] = before.to_dict()
         _log(f"anybit: before: {before.summary()}")
     with measure() as m_q:
-        quantize(lm.model, config, calib, progress=progress)
+        quantize(lm.model, config, calib, progress=progress, run_dir=run_dir)
     report["quantize_seconds"] = m_q.seconds
     report["quantize_peak_rss_mib"] = m_q.peak_rss_mib
     _log(f"anybit: quantized ({config.method} {config.scheme}) in {m_q.seconds:.1f} s, peak RSS {m_q.peak_rss_mib:.0f} MiB")
@@ -176,6 +220,8 @@ def cmd_quantize(args) -> int:
         out = save(lm.model, lm.tokenizer, args.out, overwrite=args.overwrite)
         report["out"] = str(out)
         _log(f"anybit: saved {out}")
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
     if args.json:
         print(json.dumps(report))
     elif windows is not None:
@@ -241,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anybit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("anybit: interrupted", file=sys.stderr)
+        print("anybit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 

@@ -4,6 +4,7 @@ decoder block -> packed modules (then save / eval / run elsewhere)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,12 +23,22 @@ def check_finite(model: nn.Module) -> None:
             raise AnybitError(f"weight {name} contains NaN or Inf; the source model is broken, re-export it")
 
 
+def run_key(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None) -> str:
+    """Identifies a quantization run (model weights, config, calibration) for resuming."""
+    from .methods.sequential import fingerprint
+
+    checksum = [float(p.detach().double().abs().sum()) for p in model.parameters()]
+    return fingerprint(config.to_dict(), model.config.to_dict(), checksum,
+                       calibration if calibration is not None else "none")
+
+
 def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, run_dir: str | Path | None = None) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it.
 
     ``calibration``: LongTensor ``[nsamples, seqlen]`` of token windows, for methods that
-    need data (see :func:`anybit.data.calibration_windows`).
+    need data (see :func:`anybit.data.calibration_windows`). ``run_dir``: where calibrated
+    methods save progress after each block; a run interrupted there resumes from it.
     """
     config.validate()
     adapter = get_adapter(model)
@@ -40,7 +51,9 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     check_finite(model)
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
-    result: MethodResult = method.run(model, adapter, config, calibration, progress=progress)
+    key = run_key(model, config, calibration) if run_dir is not None else ""
+    result: MethodResult = method.run(model, adapter, config, calibration, progress=progress,
+                                      run_dir=Path(run_dir) if run_dir is not None else None, run_key=key)
     model.anybit_info = quantization_info(model, config, result, time.perf_counter() - t0)
     return model
 

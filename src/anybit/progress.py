@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def bar(it: Iterable[T], desc: str, total: int | None = None, enabled: bool = True, unit: str = "it") -> "tqdm[T]":
+def bar(it: Iterable[T], desc: str, total: int | None = None, enabled: bool = True, unit: str = "it",
+        initial: int = 0) -> "tqdm[T]":
     """A per-step progress bar with elapsed and ETA; silent when disabled or ANYBIT_QUIET=1."""
     disable = not enabled or os.environ.get("ANYBIT_QUIET") == "1"
-    return tqdm(it, desc=desc, total=total, disable=disable, file=sys.stderr, unit=unit, dynamic_ncols=True,
+    return tqdm(it, desc=desc, total=total, disable=disable, file=sys.stderr, unit=unit, dynamic_ncols=True, initial=initial,
                 mininterval=0.5)
 
 

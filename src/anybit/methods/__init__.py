@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ..errors import AnybitError
 from .base import LayerReport, Method, MethodResult
+from .gptq import GPTQ
 from .rtn import RTN
 
 METHODS: dict[str, Method] = {
     "rtn": RTN(),
+    "gptq": GPTQ(),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -57,8 +58,10 @@ class Method(ABC):
 
     @abstractmethod
     def run(self, model: nn.Module, adapter: Adapter, config: QuantConfig,
-            calibration: torch.Tensor | None, progress: bool = True) -> MethodResult:
-        """Quantize ``model`` in place."""
+            calibration: torch.Tensor | None, progress: bool = True, run_dir: Path | None = None,
+            run_key: str = "") -> MethodResult:
+        """Quantize ``model`` in place. Calibrated methods save progress in ``run_dir``
+        after every block and resume from it when its ``run_key`` matches."""
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:

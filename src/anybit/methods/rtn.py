@@ -44,7 +44,8 @@ def search_shrink(w: torch.Tensor, spec: FormatSpec, grid: int = DEFAULT_GRID,
 class RTN(Method):
     name = "rtn"
 
-    def run(self, model, adapter: Adapter, config: QuantConfig, calibration=None, progress=True) -> MethodResult:
+    def run(self, model, adapter: Adapter, config: QuantConfig, calibration=None, progress=True, run_dir=None,
+            run_key="") -> MethodResult:
         clip = bool(config.options.get("clip_search", False))
         grid = int(config.options.get("clip_grid", DEFAULT_GRID))
         result = MethodResult()

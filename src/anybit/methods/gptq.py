@@ -1,0 +1,184 @@
+"""GPTQ (Frantar et al., 2023), following IST-DASLab/gptq ``gptq.py`` line by line.
+
+Per linear layer, with ``X`` its calibration inputs (Alg. 1 of the paper):
+  H = 2 X Xᵀ / n                                  (Hessian of the layer's squared output error)
+  dead columns (H_jj = 0): H_jj = 1, W_:j = 0
+  H += λ I, λ = damp_percent · mean(diag H)       (dampening)
+  U = chol(H⁻¹)ᵀ (upper)                          (Cholesky form of the inverse Hessian)
+  for each block of B columns, for each column j:
+      q_j = quant(w_j);  e_j = (w_j - q_j) / U_jj
+      W_:,j+1..  -= e_j U_j,j+1..                  (OBS update, inside the block)
+  W_:,after block -= E U_block,after              (lazy batch update)
+Optional act-order (columns by decreasing H_jj) with static groups (group parameters
+from the unquantized weight, so the stored layout stays group-contiguous).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import AnybitError
+from ..formats import FormatSpec, get_format
+from ..formats import int as intfmt
+from ..models import Adapter
+from ..nn import QuantLinear
+from .base import LayerReport, Method, MethodResult
+from .sequential import BlockInputs, run_sequential
+
+
+class HessianAccumulator:
+    """Accumulates ``H = 2/n Σ x xᵀ`` over the tokens seen by one linear layer."""
+
+    def __init__(self, columns: int):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        t = x.shape[0]
+        self.H *= self.n / (self.n + t)
+        self.n += t
+        x = math.sqrt(2 / self.n) * x
+        self.H += x.t() @ x
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # uint8 [N, K]
+    scales: torch.Tensor  # [N, G]
+    zeros: torch.Tensor  # [N, G]
+    weight: torch.Tensor  # dequantized float32 [N, K]
+    error: float  # tr(E H Eᵀ) / tr(W H Wᵀ): relative output error on the calibration inputs
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize: int = 128,
+                  damp_percent: float = 0.01, act_order: bool = False, static_groups: bool = False) -> GPTQResult:
+    """Quantize ``W [N, K]`` with GPTQ given its Hessian ``H [K, K]`` on the INT grid of ``spec``."""
+    W = W.clone().float()
+    H = H.clone()
+    n, k = W.shape
+    g = k if spec.group_size == -1 else spec.group_size
+    ng = math.ceil(k / g)
+    W_orig = W.clone()
+    H_orig = H.clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.zeros(n, ng)
+    zeros = torch.zeros(n, ng)
+    if static_groups or spec.group_size == -1:
+        for gi in range(ng):
+            s, z = intfmt.group_params(W[:, gi * g:(gi + 1) * g], FormatSpec(spec.format, spec.bits, -1, spec.sym))
+            scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = s, z
+    perm = None
+    if act_order:
+        if spec.group_size != -1 and not static_groups:
+            raise AnybitError("act-order with groups needs static groups (--static-groups) to keep the packed layout")
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    # group of each (possibly permuted) column
+    col_group = (perm if perm is not None else torch.arange(k)) // g
+
+    damp = damp_percent * torch.mean(torch.diag(H))
+    H[torch.arange(k), torch.arange(k)] += damp
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch._C._LinAlgError:
+        raise AnybitError("the layer Hessian is not positive definite; raise --damp-percent or use more calibration data") from None
+
+    # blocks hold whole groups, so that a group's parameters see its up-to-date columns
+    if not static_groups and spec.group_size != -1:
+        blocksize = g * max(1, blocksize // g)
+    maxq = (1 << spec.bits) - 1
+    Q = torch.zeros_like(W)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            gi = int(col_group[col])
+            if not static_groups and spec.group_size != -1 and col % g == 0:
+                s, z = intfmt.group_params(W1[:, i:i + g], FormatSpec(spec.format, spec.bits, -1, spec.sym))
+                scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = s, z
+            s, z = scales[:, gi], zeros[:, gi]
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            c = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            q = s * (c - z)
+            codes[:, col] = c.to(torch.uint8)
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        codes = codes[:, inv]
+    E = W_orig - Q
+    den = ((W_orig @ H_orig) * W_orig).sum().item()
+    err = ((E @ H_orig) * E).sum().item() / den if den > 0 else 0.0
+    return GPTQResult(codes, scales, zeros, Q, err)
+
+
+def collect_hessians(block: nn.Module, linears: dict[str, nn.Module], forward) -> dict[str, HessianAccumulator]:
+    """Run the block once with hooks that accumulate each linear's input Hessian."""
+    accs = {name: HessianAccumulator(m.in_features) for name, m in linears.items()}
+    handles = [m.register_forward_hook(lambda mod, inp, out, a=accs[name]: a.add(inp[0].detach()))
+               for name, m in linears.items()]
+    try:
+        forward(block)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+class GPTQ(Method):
+    name = "gptq"
+    needs_calibration = True
+
+    def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
+            run_key: str = "") -> MethodResult:
+        opts = config.options
+        damp = float(opts.get("damp_percent", 0.01))
+        act_order = bool(opts.get("act_order", False))
+        static = bool(opts.get("static_groups", False)) or (act_order and config.group_size != -1)
+        true_seq = bool(opts.get("true_sequential", True))
+        blocksize = int(opts.get("blocksize", 128))
+
+        def process(i: int, block: nn.Module, inputs: BlockInputs, forward) -> list[LayerReport]:
+            groups = adapter.sequential if true_seq else (tuple(adapter.linear_names()),)
+            reports = []
+            for group in groups:
+                linears = {n: block.get_submodule(n) for n in group}
+                specs = {n: self.layer_spec(config, f"{adapter.blocks}.{i}.{n}") for n in group}
+                linears = {n: m for n, m in linears.items() if specs[n] is not None}
+                if not linears:
+                    continue
+                accs = collect_hessians(block, linears, forward)
+                for name, lin in linears.items():
+                    spec = specs[name]
+                    res = gptq_quantize(lin.weight.data, accs[name].H, spec, blocksize, damp, act_order, static)
+                    packed = get_format(spec.format).pack(res.codes, res.scales, res.zeros, spec)
+                    bias = lin.bias.data if lin.bias is not None else None
+                    block.set_submodule(name, QuantLinear.from_packed(packed, spec, tuple(lin.weight.shape), bias))
+                    reports.append(LayerReport(f"{adapter.blocks}.{i}.{name}", spec, res.error))
+                    del accs[name]
+            return reports
+
+        return run_sequential(model, adapter, calibration, process, run_dir, run_key, desc="gptq", progress=progress)

@@ -1,0 +1,240 @@
+"""The sequential calibration pipeline shared by every calibrated method (GPTQ, GPTQT,
+PoTPTQ, ABQ-LLM, ...).
+
+1. Capture the inputs of decoder block 0 for the calibration windows (and the keyword
+   arguments the model passes to its blocks: rotary embeddings, masks).
+2. Block by block: the method transforms block ``i`` given its inputs (the outputs of the
+   already-quantized blocks before it); the quantized block's outputs become the inputs
+   of block ``i+1``.
+3. After each block, the block's state and the next inputs are saved to a run folder, so
+   that an interrupted run (Ctrl-C, kill, crash) resumes at the next block with the same
+   result as an uninterrupted one.
+
+Activations stay on the CPU. When they would exceed ``ANYBIT_ACT_BUDGET_GIB`` (default
+4 GiB) they are kept in memory-mapped files inside the run folder instead of RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..formats import FormatSpec
+from ..models import Adapter
+from ..nn import QuantLinear
+from ..progress import bar
+from .base import LayerReport, MethodResult
+
+DEFAULT_BATCH = 4
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering a block, ``[n, seqlen, hidden]``, and the block kwargs."""
+
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+def _act_budget_bytes() -> int:
+    return int(float(os.environ.get("ANYBIT_ACT_BUDGET_GIB", "4")) * 2**30)
+
+
+def alloc_acts(shape: tuple[int, ...], run_dir: Path | None, name: str) -> torch.Tensor:
+    """A float32 activation buffer: in RAM within the budget, else memory-mapped in ``run_dir``."""
+    nbytes = 4 * int(torch.Size(shape).numel())
+    if run_dir is None or nbytes <= _act_budget_bytes():
+        return torch.empty(shape, dtype=torch.float32)
+    path = run_dir / f"{name}.mmap"
+    return torch.from_file(str(path), shared=True, size=int(torch.Size(shape).numel()),
+                           dtype=torch.float32).view(shape)
+
+
+def block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None,
+                  batch: int = DEFAULT_BATCH) -> torch.Tensor:
+    """Run ``block`` over all windows in batches; writes into ``out`` if given."""
+    n = hidden.shape[0]
+    if out is None:
+        out = torch.empty_like(hidden)
+    with torch.no_grad():
+        for s in range(0, n, batch):
+            y = block(hidden[s: s + batch], **kwargs)
+            out[s: s + batch] = y[0] if isinstance(y, tuple) else y
+    return out
+
+
+def capture_inputs(model: nn.Module, adapter: Adapter, windows: torch.Tensor, run_dir: Path | None,
+                   batch: int = DEFAULT_BATCH) -> BlockInputs:
+    """Inputs of block 0 for every calibration window (the model is run up to block 0)."""
+    blocks = adapter.get_blocks(model)
+    first = blocks[0]
+    n, seqlen = windows.shape
+    hidden = alloc_acts((n, seqlen, model.config.hidden_size), run_dir, "acts_a")
+    store: dict = {}
+
+    class Catcher(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, *args, **kwargs):
+            store["x"] = x
+            if "kwargs" not in store:
+                store["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+                store["args"] = args
+            raise _Captured
+
+    blocks[0] = Catcher(first)
+    try:
+        with torch.no_grad():
+            for s in range(0, n, batch):
+                try:
+                    model(windows[s: s + batch], use_cache=False)
+                except _Captured:
+                    pass
+                hidden[s: s + batch] = store["x"]
+    finally:
+        blocks[0] = first
+    if store.get("args"):
+        raise RuntimeError("decoder blocks receive positional arguments beyond the hidden states; adapter needed")
+    return BlockInputs(hidden, store["kwargs"])
+
+
+def fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(p.contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+class RunFolder:
+    """Progress of a sequential run: per-block states and the current activations.
+
+    Layout: ``progress.json`` (fingerprint, blocks done, layer specs and reports),
+    ``block_{i}.safetensors`` (state of quantized block i), ``acts.safetensors``
+    (inputs of the next block). Each file is written to a temporary name and renamed.
+    """
+
+    def __init__(self, path: Path, key: str):
+        self.path = path
+        self.key = key
+
+    def _progress_file(self) -> Path:
+        return self.path / "progress.json"
+
+    def load_progress(self) -> dict | None:
+        try:
+            prog = json.loads(self._progress_file().read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return prog if prog.get("key") == self.key else None
+
+    def reset(self) -> None:
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+
+    def _atomic_save(self, tensors: dict, name: str) -> None:
+        tmp = self.path / f".{name}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.path / name)
+
+    def save_block(self, i: int, block: nn.Module, hidden_next: torch.Tensor, progress: dict) -> None:
+        self._atomic_save(block.state_dict(), f"block_{i}.safetensors")
+        self._atomic_save({"hidden": hidden_next}, "acts.safetensors")
+        tmp = self.path / ".progress.json.tmp"
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, self._progress_file())
+
+    def load_block(self, i: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / f"block_{i}.safetensors"))
+
+    def load_acts(self) -> torch.Tensor:
+        return load_file(str(self.path / "acts.safetensors"))["hidden"]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _restore_block(block: nn.Module, block_prefix: str, layers: dict, state: dict) -> None:
+    for full, spec_d in layers.items():
+        if not full.startswith(block_prefix + "."):
+            continue
+        lname = full[len(block_prefix) + 1:]
+        lin = block.get_submodule(lname)
+        spec = FormatSpec(spec_d["format"], spec_d["bits"], spec_d["group_size"], spec_d["sym"])
+        if not isinstance(lin, QuantLinear):
+            q = QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None, dtype=lin.weight.dtype)
+            block.set_submodule(lname, q)
+    block.load_state_dict(state)
+
+
+BlockFn = Callable[[int, nn.Module, BlockInputs, Callable[[nn.Module], BlockInputs]], list[LayerReport]]
+
+
+def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, process_block: BlockFn,
+                   run_dir: Path | None, key: str, desc: str, progress: bool = True,
+                   batch: int = DEFAULT_BATCH) -> MethodResult:
+    """Drive ``process_block(i, block, inputs, forward)`` over the decoder blocks in order.
+
+    ``process_block`` quantizes ``block`` in place (replacing linears by QuantLinear) and
+    returns its layer reports; ``forward(block)`` recomputes a block's outputs on the
+    current inputs when the method needs them. With ``run_dir``, progress is saved after
+    every block and a previous run with the same ``key`` resumes.
+    """
+    blocks = adapter.get_blocks(model)
+    result = MethodResult()
+    folder = RunFolder(run_dir, key) if run_dir is not None else None
+    prog = folder.load_progress() if folder is not None else None
+    if folder is not None and prog is None:
+        folder.reset()
+    inputs = capture_inputs(model, adapter, windows, run_dir if folder else None, batch)
+    start = 0
+    layers: dict = {}
+    if prog is not None:
+        start = prog["done"]
+        layers = prog["layers"]
+        for i in range(start):
+            _restore_block(blocks[i], f"{adapter.blocks}.{i}", layers, folder.load_block(i))
+        result.layers = [LayerReport(r["name"], FormatSpec(**r["spec"]), r["error"]) for r in prog["reports"]]
+        if start < len(blocks):
+            inputs.hidden.copy_(folder.load_acts())
+    spare = alloc_acts(tuple(inputs.hidden.shape), run_dir if folder else None, "acts_b")
+    it = bar(range(start, len(blocks)), desc=desc, total=len(blocks), enabled=progress, unit="block", initial=start)
+    kill_after = int(os.environ.get("ANYBIT_TEST_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
+    for i in it:
+        block = blocks[i]
+        reports = process_block(i, block, inputs, lambda b: block_forward(b, inputs.hidden, inputs.kwargs, batch=batch))
+        result.layers.extend(reports)
+        if reports:
+            worst = max(reports, key=lambda r: r.error)
+            it.set_postfix(err=f"{sum(r.error for r in reports) / len(reports):.2e}",
+                           worst=worst.name.split(".")[-1], refresh=False)
+        block_forward(block, inputs.hidden, inputs.kwargs, out=spare, batch=batch)
+        inputs.hidden, spare = spare, inputs.hidden
+        if folder is not None:
+            for r in reports:
+                layers[r.name] = r.spec.to_dict()
+            folder.save_block(i, block, inputs.hidden, {
+                "key": key, "done": i + 1, "layers": layers,
+                "reports": [{"name": r.name, "spec": r.spec.to_dict(), "error": r.error} for r in result.layers]})
+        if i == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return result

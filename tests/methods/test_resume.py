@@ -1,0 +1,55 @@
+"""A calibrated run killed midway resumes where it stopped, with the same result."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, STORIES_TRAIN, needs_stories
+
+
+def _quantize(out, extra_env=None):
+    cmd = [sys.executable, "-m", "anybit.cli", "quantize", "stories260k", "--method", "gptq", "--wbits", "3",
+           "--group-size", "32", "--calib", str(STORIES_TRAIN), "--nsamples", "16", "--seqlen", "128",
+           "--out", str(out), "--quiet"]
+    env = {**os.environ, **(extra_env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+@needs_stories
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    out = tmp_path / "q"
+    partial = tmp_path / ".q.partial"
+    killed = _quantize(out, {"ANYBIT_TEST_KILL_AFTER_BLOCK": "2"})
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()  # nothing half-written
+    assert json.loads((partial / "progress.json").read_text())["done"] == 3
+
+    resumed = _quantize(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert not partial.exists()
+
+    straight = _quantize(tmp_path / "ref")
+    assert straight.returncode == 0, straight.stderr
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_stories
+def test_calibration_text_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Once upon a time there was a cat. " * 5)
+    for path, needle in [(tmp_path / "empty.txt", "empty"), (tmp_path / "short.txt", "fewer than"),
+                         (tmp_path / "missing.txt", "does not exist")]:
+        p = subprocess.run([sys.executable, "-m", "anybit.cli", "quantize", "stories260k", "--method", "gptq",
+                            "--calib", str(path), "--nsamples", "4", "--seqlen", "64", "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert p.stderr.strip().splitlines()[-1].startswith("anybit: error:") and needle in p.stderr, p.stderr
+        assert not (tmp_path / "o").exists()
