@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     _add_common(g)
 
+    x = sub.add_parser("export", help="write a quantized folder in another tool's layout (gptq)")
+    x.add_argument("path")
+    x.add_argument("--format", default="gptq", choices=["gptq"])
+    x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true")
+
     i = sub.add_parser("inspect", help="method, scheme, bits per weight per layer, size on disk")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
@@ -275,7 +281,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
+def cmd_export(args) -> int:
+    from .io.gptq_layout import export_gptq
+
+    out = export_gptq(args.path, args.out, overwrite=args.overwrite)
+    print(f"anybit: wrote {out} (GPTQ layout)")
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
