@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the float weight")
     q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: quantize a block's linears together")
+    q.add_argument("--intermediate-bits", type=int, default=None, help="GPTQT: bit width of step 1 (default 4)")
+    q.add_argument("--scale-grid", default=None, help="GPTQT: comma-separated range factors to re-explore")
+    q.add_argument("--bcq-fit", default=None, choices=["greedy", "alternating"], help="bcq: fit from float")
     q.add_argument("--resume-dir", default=None,
                    help="where calibrated methods save progress after each block (default: beside --out, "
                         "else in ~/.cache/anybit/runs); re-running the same command resumes from it")
@@ -139,6 +142,17 @@ def _config_from_args(args):
         options["static_groups"] = True
     if args.no_true_sequential:
         options["true_sequential"] = False
+    if args.intermediate_bits is not None:
+        options["intermediate_bits"] = args.intermediate_bits
+    if args.scale_grid:
+        try:
+            options["scale_grid"] = [float(x) for x in args.scale_grid.split(",")]
+        except ValueError:
+            raise AnybitError(f"--scale-grid must be comma-separated numbers, got {args.scale_grid!r}") from None
+        if not options["scale_grid"] or min(options["scale_grid"]) <= 0:
+            raise AnybitError("--scale-grid factors must be positive")
+    if args.bcq_fit:
+        options["fit"] = args.bcq_fit
     cfg = QuantConfig(method=args.method, wbits=wbits, abits=abits, group_size=group, sym=args.sym, seed=args.seed,
                       skip=tuple(args.skip), options=options)
     cfg.validate()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ..errors import AnybitError
 from .base import FormatSpec, WeightFormat
+from .bcq import BCQFormat
 from .int import IntFormat
 
 FORMATS: dict[str, WeightFormat] = {
     "int": IntFormat(),
+    "bcq": BCQFormat(),
 }
 
 

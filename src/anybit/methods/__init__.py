@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from ..errors import AnybitError
 from .base import LayerReport, Method, MethodResult
+from .bcq_fit import BCQFit
 from .gptq import GPTQ
+from .gptqt import GPTQT
 from .rtn import RTN
 
 METHODS: dict[str, Method] = {
     "rtn": RTN(),
     "gptq": GPTQ(),
+    "gptqt": GPTQT(),
+    "bcq": BCQFit(),
 }
 
 

@@ -57,8 +57,13 @@ class GPTQResult:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize: int = 128,
-                  damp_percent: float = 0.01, act_order: bool = False, static_groups: bool = False) -> GPTQResult:
-    """Quantize ``W [N, K]`` with GPTQ given its Hessian ``H [K, K]`` on the INT grid of ``spec``."""
+                  damp_percent: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  shrink: float = 1.0) -> GPTQResult:
+    """Quantize ``W [N, K]`` with GPTQ given its Hessian ``H [K, K]`` on the INT grid of ``spec``.
+
+    ``shrink`` scales every group's min/max range before its grid is set (GPTQT's scale
+    re-exploration searches it).
+    """
     W = W.clone().float()
     H = H.clone()
     n, k = W.shape
@@ -75,7 +80,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
     zeros = torch.zeros(n, ng)
     if static_groups or spec.group_size == -1:
         for gi in range(ng):
-            s, z = intfmt.group_params(W[:, gi * g:(gi + 1) * g], FormatSpec(spec.format, spec.bits, -1, spec.sym))
+            s, z = intfmt.group_params(W[:, gi * g:(gi + 1) * g], FormatSpec(spec.format, spec.bits, -1, spec.sym),
+                                       shrink)
             scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = s, z
     perm = None
     if act_order:
@@ -111,7 +117,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
             col = i1 + i
             gi = int(col_group[col])
             if not static_groups and spec.group_size != -1 and col % g == 0:
-                s, z = intfmt.group_params(W1[:, i:i + g], FormatSpec(spec.format, spec.bits, -1, spec.sym))
+                s, z = intfmt.group_params(W1[:, i:i + g], FormatSpec(spec.format, spec.bits, -1, spec.sym), shrink)
                 scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = s, z
             s, z = scales[:, gi], zeros[:, gi]
             w = W1[:, i]
@@ -129,10 +135,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
         inv = torch.argsort(perm)
         Q = Q[:, inv]
         codes = codes[:, inv]
-    E = W_orig - Q
-    den = ((W_orig @ H_orig) * W_orig).sum().item()
-    err = ((E @ H_orig) * E).sum().item() / den if den > 0 else 0.0
-    return GPTQResult(codes, scales, zeros, Q, err)
+    return GPTQResult(codes, scales, zeros, Q, output_error(W_orig, Q, H_orig))
 
 
 def collect_hessians(block: nn.Module, linears: dict[str, nn.Module], forward) -> dict[str, HessianAccumulator]:
@@ -148,37 +151,53 @@ def collect_hessians(block: nn.Module, linears: dict[str, nn.Module], forward) -
     return accs
 
 
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative layer output error on the calibration inputs: tr(E H Eᵀ) / tr(W H Wᵀ), E = W − Ŵ."""
+    E = W.float() - W_hat.float()
+    den = ((W.float() @ H) * W.float()).sum().item()
+    return ((E @ H) * E).sum().item() / den if den > 0 else 0.0
+
+
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
 
+    def gptq_options(self, config: QuantConfig) -> dict:
+        opts = config.options
+        act_order = bool(opts.get("act_order", False))
+        return {
+            "damp_percent": float(opts.get("damp_percent", 0.01)),
+            "act_order": act_order,
+            "static_groups": bool(opts.get("static_groups", False)) or (act_order and config.group_size != -1),
+            "blocksize": int(opts.get("blocksize", 128)),
+        }
+
+    def quantize_layer(self, lin: nn.Module, H: torch.Tensor, spec: FormatSpec, config: QuantConfig
+                       ) -> tuple[QuantLinear, float]:
+        """Quantize one linear layer given its input Hessian; returns the module and its error."""
+        res = gptq_quantize(lin.weight.data, H, spec, **self.gptq_options(config))
+        packed = get_format(spec.format).pack(res.codes, res.scales, res.zeros, spec)
+        bias = lin.bias.data if lin.bias is not None else None
+        return QuantLinear.from_packed(packed, spec, tuple(lin.weight.shape), bias), res.error
+
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
             run_key: str = "") -> MethodResult:
-        opts = config.options
-        damp = float(opts.get("damp_percent", 0.01))
-        act_order = bool(opts.get("act_order", False))
-        static = bool(opts.get("static_groups", False)) or (act_order and config.group_size != -1)
-        true_seq = bool(opts.get("true_sequential", True))
-        blocksize = int(opts.get("blocksize", 128))
+        true_seq = bool(config.options.get("true_sequential", True))
 
         def process(i: int, block: nn.Module, inputs: BlockInputs, forward) -> list[LayerReport]:
             groups = adapter.sequential if true_seq else (tuple(adapter.linear_names()),)
             reports = []
             for group in groups:
-                linears = {n: block.get_submodule(n) for n in group}
                 specs = {n: self.layer_spec(config, f"{adapter.blocks}.{i}.{n}") for n in group}
-                linears = {n: m for n, m in linears.items() if specs[n] is not None}
+                linears = {n: block.get_submodule(n) for n in group if specs[n] is not None}
                 if not linears:
                     continue
                 accs = collect_hessians(block, linears, forward)
                 for name, lin in linears.items():
-                    spec = specs[name]
-                    res = gptq_quantize(lin.weight.data, accs[name].H, spec, blocksize, damp, act_order, static)
-                    packed = get_format(spec.format).pack(res.codes, res.scales, res.zeros, spec)
-                    bias = lin.bias.data if lin.bias is not None else None
-                    block.set_submodule(name, QuantLinear.from_packed(packed, spec, tuple(lin.weight.shape), bias))
-                    reports.append(LayerReport(f"{adapter.blocks}.{i}.{name}", spec, res.error))
-                    del accs[name]
+                    q, err = self.quantize_layer(lin, accs.pop(name).H, specs[name], config)
+                    block.set_submodule(name, q)
+                    reports.append(LayerReport(f"{adapter.blocks}.{i}.{name}", specs[name], err))
             return reports
 
-        return run_sequential(model, adapter, calibration, process, run_dir, run_key, desc="gptq", progress=progress)
+        return run_sequential(model, adapter, calibration, process, run_dir, run_key, desc=self.name,
+                              progress=progress)
