@@ -68,24 +68,13 @@ def fit_greedy(w: torch.Tensor, spec: FormatSpec):
     return torch.stack(bs, -1), torch.stack(alphas, -1), offset
 
 
-def fit_alternating(w: torch.Tensor, spec: FormatSpec, rounds: int = 15, col_weight: torch.Tensor | None = None):
-    """Greedy start, then ``rounds`` of least squares for (α, offset) and best codes per weight.
-
-    ``col_weight [K]`` weights each column's squared error (e.g. ``diag(H)`` so that the fit
-    follows the layer output error rather than the weight error).
-    """
-    wg, mask = grouped(w.float(), spec.group_size)
-    b, alpha, offset = fit_greedy(w, spec)
-    if col_weight is not None:
-        cw, _ = grouped(col_weight.float().clamp_min(0).expand_as(w), spec.group_size)
-        cw = torch.where(mask, cw, 0)
-    else:
-        cw = mask.float()
+def _refine(wg, mask, cw, b, rounds: int):
+    """``rounds`` of weighted least squares for (α, offset), then best codes per weight."""
+    q = b.shape[-1]
     target = torch.where(mask, wg, 0)
-    q = spec.bits
     eye = torch.eye(q + 1)
+    alpha = offset = None
     for _ in range(rounds):
-        # least squares: [b, 1] @ [alpha; offset] ≈ w, weighted by cw, per (row, group)
         A = torch.cat([b, torch.ones_like(b[..., :1])], -1) * mask.unsqueeze(-1)  # [N, G, g, q+1]
         Aw = A * cw.unsqueeze(-1)
         lhs = Aw.transpose(-1, -2) @ A
@@ -94,8 +83,37 @@ def fit_alternating(w: torch.Tensor, spec: FormatSpec, rounds: int = 15, col_wei
         rhs = (Aw * target.unsqueeze(-1)).sum(-2)
         sol = torch.linalg.solve(lhs, rhs.unsqueeze(-1)).squeeze(-1)
         alpha, offset = sol[..., :q], sol[..., q]
-        b = _assign(torch.where(mask, wg, 0), alpha, offset)
-    return b, alpha, offset
+        b = _assign(target, alpha, offset)
+    levels = (alpha.unsqueeze(-2) * b).sum(-1) + offset.unsqueeze(-1)
+    err = (cw * (target - levels) ** 2).sum(-1)  # [N, G]
+    return b, alpha, offset, err
+
+
+def fit_alternating(w: torch.Tensor, spec: FormatSpec, rounds: int = 15, col_weight: torch.Tensor | None = None):
+    """Alternating least squares for (α, offset) and best codes per weight, ``rounds`` times,
+    started both from the greedy fit and from the uniform q-bit grid of the group's range;
+    per group the start that ends with the smaller error is kept.
+
+    ``col_weight [K]`` weights each column's squared error (e.g. ``diag(H)`` so that the fit
+    follows the layer output error rather than the weight error).
+    """
+    wg, mask = grouped(w.float(), spec.group_size)
+    if col_weight is not None:
+        cw, _ = grouped(col_weight.float().clamp_min(0).expand_as(w), spec.group_size)
+        cw = torch.where(mask, cw, 0)
+    else:
+        cw = mask.float()
+    from . import int as intfmt  # the uniform start: the q-bit min/max grid, in BCQ form
+
+    ispec = FormatSpec("int", spec.bits, spec.group_size, False)
+    s, z = intfmt.group_params(w, ispec)
+    b_uniform, _, _ = from_int(intfmt.encode(w, s, z, ispec), s, z, spec.bits, spec.group_size)
+    b_greedy, _, _ = fit_greedy(w, spec)
+    b1, a1, o1, e1 = _refine(wg, mask, cw, b_greedy, max(rounds, 1))
+    b2, a2, o2, e2 = _refine(wg, mask, cw, b_uniform, max(rounds, 1))
+    pick = (e2 < e1)
+    return (torch.where(pick[..., None, None], b2, b1), torch.where(pick[..., None], a2, a1),
+            torch.where(pick, o2, o1))
 
 
 def from_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int):
