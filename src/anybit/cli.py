@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the float weight")
     q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: quantize a block's linears together")
-    q.add_argument("--intermediate-bits", type=int, default=None, help="GPTQT: bit width of step 1 (default 4)")
+    q.add_argument("--intermediate-bits", type=int, default=None, help="GPTQT: bit width of step 1 (default --wbits + 3, at most 8)")
     q.add_argument("--scale-grid", default=None, help="GPTQT: comma-separated range factors to re-explore")
     q.add_argument("--bcq-fit", default=None, choices=["greedy", "alternating"], help="bcq: fit from float")
     q.add_argument("--resume-dir", default=None,

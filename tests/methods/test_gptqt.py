@@ -46,8 +46,12 @@ def test_gptqt_end_to_end_tiny_and_validation():
                                               options={"scale_grid": [0.9, 1.0]}), cal, progress=False)
     assert {v["format"] for v in model.anybit_info["layers"].values()} == {"bcq"}
     try:
-        anybit.quantize(tiny_model("llama"), anybit.QuantConfig(method="gptqt", wbits=4), cal, progress=False)
+        anybit.quantize(tiny_model("llama"), anybit.QuantConfig(method="gptqt", wbits=4,
+                                                                options={"intermediate_bits": 4}), cal, progress=False)
     except AnybitError as e:
         assert "intermediate" in str(e)
     else:
         raise AssertionError("gptqt at 4 bits with a 4-bit intermediate must be refused")
+    from anybit.methods.gptqt import default_intermediate_bits
+
+    assert default_intermediate_bits(2) == 5 and default_intermediate_bits(3) == 6 and default_intermediate_bits(7) == 8

@@ -12,8 +12,9 @@ squares, weighting each column by ``diag(H)`` (its share of the output error). T
 result is pure binary coding: scale and zero point of step 1 are absorbed into α and
 the offset, so inference is a BCQ (LUT-GEMM) layer.
 
-Open choices (SPEC §3), measured in docs/gptq.md: ``intermediate_bits`` (default 4)
-and ``scale_grid`` (default 0.80…1.10 in steps of 0.05).
+Open choices (SPEC §3), measured in docs/gptq.md: ``intermediate_bits`` (default
+``q + 3``, at most 8: on stories260K h = 6 was best at q = 3 and h = 5 at q = 2, and
+h = q + 1 was worst) and ``scale_grid`` (default 0.80…1.10 in steps of 0.05).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from ..formats.base import grouped
 from ..nn import QuantLinear
 from .gptq import GPTQ, gptq_quantize, output_error
 
-DEFAULT_INTERMEDIATE_BITS = 4
+
+
+def default_intermediate_bits(q: int) -> int:
+    return min(8, q + 3)
 DEFAULT_SCALE_GRID = (0.80, 0.85, 0.90, 0.95, 1.00, 1.05, 1.10)
 
 
@@ -47,14 +51,14 @@ class GPTQT(GPTQ):
     weight_format = "bcq"
 
     def validate(self, config: QuantConfig) -> None:
-        h = int(config.options.get("intermediate_bits", DEFAULT_INTERMEDIATE_BITS))
+        h = int(config.options.get("intermediate_bits", default_intermediate_bits(config.wbits)))
         if not 1 <= config.wbits < h <= 8:
             raise AnybitError(f"gptqt needs --wbits below --intermediate-bits ({h}) and at most 8; got --wbits {config.wbits}")
         super().validate(config)
 
     def quantize_layer(self, lin: nn.Module, H: torch.Tensor, spec: FormatSpec, config: QuantConfig):
         opts = config.options
-        h = int(opts.get("intermediate_bits", DEFAULT_INTERMEDIATE_BITS))
+        h = int(opts.get("intermediate_bits", default_intermediate_bits(spec.bits)))
         grid = tuple(float(x) for x in opts.get("scale_grid", DEFAULT_SCALE_GRID))
         weighted = bool(opts.get("hessian_weighted_fit", True))
         W = lin.weight.data.float()
