@@ -64,6 +64,30 @@ class Method(ABC):
         after every block and resume from it when its ``run_key`` matches."""
 
 
+def quantize_layers_data_free(method: Method, model: nn.Module, adapter: Adapter, config: QuantConfig,
+                              quantize_layer, desc: str, progress: bool = True) -> MethodResult:
+    """Quantize every block linear on its own (no calibration): ``quantize_layer(linear, spec)``
+    returns the :class:`QuantLinear`; the per-block progress bar shows the weight error."""
+    from ..progress import bar
+
+    result = MethodResult()
+    blocks = adapter.get_blocks(model)
+    it = bar(range(len(blocks)), desc=desc, enabled=progress, unit="block")
+    for i in it:
+        block = blocks[i]
+        for lname, linear in adapter.get_linears(block).items():
+            full = f"{adapter.blocks}.{i}.{lname}"
+            spec = method.layer_spec(config, full)
+            if spec is None:
+                continue
+            q = quantize_layer(linear, spec)
+            err = relative_error(linear.weight.data, q.dequantize_weight())
+            block.set_submodule(lname, q)
+            result.layers.append(LayerReport(full, spec, err))
+            it.set_postfix(layer=lname.split(".")[-1], err=f"{err:.2e}", refresh=False)
+    return result
+
+
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """‖W - Ŵ‖² / ‖W‖² (0 for an all-zero weight)."""
     den = w.float().pow(2).sum().item()

@@ -15,8 +15,7 @@ from ..formats.base import grouped
 from ..formats import int as intfmt
 from ..models import Adapter
 from ..nn import QuantLinear
-from ..progress import bar
-from .base import LayerReport, Method, MethodResult, relative_error
+from .base import Method, MethodResult, quantize_layers_data_free
 
 DEFAULT_GRID = 20
 DEFAULT_MAX_SHRINK = 0.2
@@ -48,21 +47,10 @@ class RTN(Method):
             run_key="") -> MethodResult:
         clip = bool(config.options.get("clip_search", False))
         grid = int(config.options.get("clip_grid", DEFAULT_GRID))
-        result = MethodResult()
-        blocks = adapter.get_blocks(model)
-        it = bar(range(len(blocks)), desc="rtn", enabled=progress, unit="block")
-        for i in it:
-            block = blocks[i]
-            for lname, linear in adapter.get_linears(block).items():
-                full = f"{adapter.blocks}.{i}.{lname}"
-                spec = self.layer_spec(config, full)
-                if spec is None:
-                    continue
-                w = linear.weight.data.float()
-                shrink = search_shrink(w, spec, grid) if clip else 1.0
-                q = QuantLinear.from_linear(linear, spec, shrink=shrink)
-                err = relative_error(w, q.dequantize_weight())
-                block.set_submodule(lname, q)
-                result.layers.append(LayerReport(full, spec, err))
-                it.set_postfix(layer=lname.split(".")[-1], err=f"{err:.2e}", refresh=False)
-        return result
+
+        def quantize_layer(linear, spec):
+            w = linear.weight.data.float()
+            shrink = search_shrink(w, spec, grid) if clip else 1.0
+            return QuantLinear.from_linear(linear, spec, shrink=shrink)
+
+        return quantize_layers_data_free(self, model, adapter, config, quantize_layer, "rtn", progress)
