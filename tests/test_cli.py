@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from anybit.cli import main

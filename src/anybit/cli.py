@@ -179,7 +179,7 @@ def _run_dir(args, model, config, calib) -> Path:
 
 
 def cmd_quantize(args) -> int:
-    from . import evaluate, quantize, save
+    from . import quantize, save
     from .data import calibration_windows, eval_windows, load_text
     from .eval import perplexity
     from .methods import get_method

@@ -7,7 +7,7 @@ from anybit.data import calibration_windows, eval_windows, load_text
 from anybit.data import text as textmod
 from anybit.errors import AnybitError
 
-from conftest import CORPORA, needs_corpora
+from conftest import needs_corpora
 
 
 class CharTok:
