@@ -6,10 +6,12 @@ from ..errors import AnybitError
 from .base import FormatSpec, WeightFormat
 from .bcq import BCQFormat
 from .int import IntFormat
+from .pot import PoTFormat
 
 FORMATS: dict[str, WeightFormat] = {
     "int": IntFormat(),
     "bcq": BCQFormat(),
+    "pot": PoTFormat(),
 }
 
 
