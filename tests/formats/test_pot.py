@@ -5,7 +5,7 @@ from anybit.formats import FormatSpec, get_format
 from anybit.formats import pot
 
 FMT = get_format("pot")
-GRID = tuple(0.01 * i for i in range(1, 201, 5))  # a coarser grid than the default, for speed
+GRID = tuple(0.01 * i for i in range(5, 201, 5))  # a coarser grid than the default, for speed
 
 
 def _w(n=16, k=172, seed=0):
