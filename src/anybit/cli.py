@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--intermediate-bits", type=int, default=None, help="GPTQT: bit width of step 1 (default --wbits + 3, at most 8)")
     q.add_argument("--scale-grid", default=None, help="GPTQT: comma-separated range factors to re-explore")
     q.add_argument("--bcq-fit", default=None, choices=["greedy", "alternating"], help="bcq: fit from float")
+    q.add_argument("--steps", default=None, choices=["none", "init", "refine", "both"],
+                   help="PoTPTQ: scale init (step 1), refinement (step 2), both (default) or none")
+    q.add_argument("--epochs", type=int, default=None, help="PoTPTQ: refinement epochs (default 10 at 3 bits, 40 at 2)")
+    q.add_argument("--lr", type=float, default=None, help="PoTPTQ: Adam learning rate for Γ (default 1e-3)")
+    q.add_argument("--lambda", dest="lam", type=float, default=None, help="PoTPTQ: weight of (λ/2)‖Γ‖² (default 0.1)")
     q.add_argument("--resume-dir", default=None,
                    help="where calibrated methods save progress after each block (default: beside --out, "
                         "else in ~/.cache/anybit/runs); re-running the same command resumes from it")
@@ -153,6 +158,18 @@ def _config_from_args(args):
             raise AnybitError("--scale-grid factors must be positive")
     if args.bcq_fit:
         options["fit"] = args.bcq_fit
+    if args.steps:
+        options["steps"] = args.steps
+    if args.epochs is not None:
+        if args.epochs < 0:
+            raise AnybitError(f"--epochs must be >= 0, got {args.epochs}")
+        options["epochs"] = args.epochs
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise AnybitError(f"--lr must be positive, got {args.lr}")
+        options["lr"] = args.lr
+    if args.lam is not None:
+        options["lambda"] = args.lam
     cfg = QuantConfig(method=args.method, wbits=wbits, abits=abits, group_size=group, sym=args.sym, seed=args.seed,
                       skip=tuple(args.skip), options=options)
     cfg.validate()

@@ -7,6 +7,7 @@ from .base import LayerReport, Method, MethodResult
 from .bcq_fit import BCQFit
 from .gptq import GPTQ
 from .gptqt import GPTQT
+from .potptq import PoTPTQ
 from .rtn import RTN
 
 METHODS: dict[str, Method] = {
@@ -14,6 +15,7 @@ METHODS: dict[str, Method] = {
     "gptq": GPTQ(),
     "gptqt": GPTQT(),
     "bcq": BCQFit(),
+    "potptq": PoTPTQ(),
 }
 
 

@@ -1,0 +1,150 @@
+"""PoTPTQ (arXiv 2507.11959): power-of-two weights with two-step post-training (SPEC §3).
+
+Step 1, data-free (``steps`` ``init``): per group, the scale ``s = s0·β`` with β on
+``{0.01·i, i = 1..200}`` minimising ‖W_g − Q(W_g; s)‖² (:func:`anybit.formats.pot.init_scales`).
+Step 2 (``refine``): block by block on the calibration set, a learnable residual Γ
+(init 0) gives ``Ŝ = S ⊙ (1 + Γ)``; the exponents are recomputed from Ŝ at every step
+with a straight-through estimator for the rounding; only Γ is trained, by Adam, on
+
+    L(Γ) = ‖F(W, X) − F(W̃(Γ), X)‖² + (λ/2)‖Γ‖²
+
+where F is the decoder block and X its inputs (outputs of the already-quantized blocks).
+``steps``: ``init`` (step 1 only), ``refine`` (step 2 from the plain base scale s0),
+``both`` (default), ``none`` (base scale, no tuning: the ablation's first row).
+Defaults from the paper: lr 1e-3, λ 0.1, 10 epochs at 3 bits, 40 at 2 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import AnybitError
+from ..formats import FormatSpec, get_format
+from ..formats import pot
+from ..models import Adapter
+from ..nn import QuantLinear
+from .base import LayerReport, Method, MethodResult, quantize_layers_data_free, relative_error
+from .sequential import BlockInputs, block_forward, run_sequential
+
+STEPS = ("none", "init", "refine", "both")
+
+
+def default_epochs(bits: int) -> int:
+    return 40 if bits <= 2 else 10
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class PoTFakeLinear(nn.Module):
+    """A linear whose weight is PoT-quantized on the fly from ``Ŝ = S ⊙ (1 + Γ)`` (training only)."""
+
+    def __init__(self, linear: nn.Linear, scales: torch.Tensor, spec: FormatSpec):
+        super().__init__()
+        self.weight = linear.weight.detach().float()
+        self.bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.register_buffer("scales", scales.float())
+        self.gamma = nn.Parameter(torch.zeros_like(self.scales))
+        self.spec = spec
+
+    def current_scales(self) -> torch.Tensor:
+        return self.scales * (1 + self.gamma)
+
+    def fake_weight(self) -> torch.Tensor:
+        k = self.weight.shape[1]
+        s = pot.expand_groups(self.current_scales(), self.spec.group_size, k)
+        mag = (self.weight.abs() / s).clamp_min(1e-30)
+        e = round_ste(torch.log2(mag)).clamp(0, pot.max_exponent(self.spec.bits))
+        return s * torch.sign(self.weight).where(self.weight != 0, torch.ones_like(self.weight)) * torch.exp2(e)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fake_weight().to(x.dtype), self.bias)
+
+
+class PoTPTQ(Method):
+    name = "potptq"
+    weight_format = "pot"
+    needs_calibration = True  # step 2; steps "init"/"none" ignore the data
+
+    def validate(self, config: QuantConfig) -> None:
+        steps = config.options.get("steps", "both")
+        if steps not in STEPS:
+            raise AnybitError(f"--steps must be one of {', '.join(STEPS)}, got {steps!r}")
+        super().validate(config)
+
+    def initial_scales(self, w: torch.Tensor, spec: FormatSpec, config: QuantConfig) -> torch.Tensor:
+        steps = config.options.get("steps", "both")
+        rule = config.options.get("base_scale", "pow")
+        if steps in ("init", "both"):
+            return pot.init_scales(w, spec, rule)
+        return pot._clamp_scale(pot.base_scale(w, spec, rule)).to(pot.SCALE_DTYPE).float()
+
+    def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
+            run_key: str = "") -> MethodResult:
+        steps = config.options.get("steps", "both")
+        fmt = get_format("pot")
+        if steps in ("none", "init"):
+            return quantize_layers_data_free(
+                self, model, adapter, config,
+                lambda lin, spec: QuantLinear.from_packed(
+                    fmt.quantize(lin.weight.data.float(), spec, scales=self.initial_scales(lin.weight.data, spec, config)),
+                    spec, tuple(lin.weight.shape), lin.bias.data if lin.bias is not None else None),
+                f"potptq-{steps}", progress)
+        lr = float(config.options.get("lr", 1e-3))
+        lam = float(config.options.get("lambda", 0.1))
+        epochs = int(config.options.get("epochs", default_epochs(config.wbits)))
+        batch = int(config.options.get("batch", 1))  # one window per Adam step, as the paper (OmniQuant-style)
+        gen = torch.Generator().manual_seed(config.seed)
+
+        def process(i: int, block: nn.Module, inputs: BlockInputs, forward) -> list[LayerReport]:
+            target = block_forward(block, inputs.hidden, inputs.kwargs, batch=batch)
+            fakes: dict[str, PoTFakeLinear] = {}
+            originals = {}
+            for name, lin in adapter.get_linears(block).items():
+                spec = self.layer_spec(config, f"{adapter.blocks}.{i}.{name}")
+                if spec is None:
+                    continue
+                fakes[name] = PoTFakeLinear(lin, self.initial_scales(lin.weight.data, spec, config), spec)
+                originals[name] = lin
+                block.set_submodule(name, fakes[name])
+            params = [f.gamma for f in fakes.values()]
+            for p in block.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=lr)
+            n = inputs.hidden.shape[0]
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=gen)
+                for s in range(0, n, batch):
+                    idx = order[s: s + batch]
+                    y = block(inputs.hidden[idx], **inputs.kwargs)
+                    y = y[0] if isinstance(y, tuple) else y
+                    mse = F.mse_loss(y, target[idx])
+                    loss = mse + lam / 2 * sum((p ** 2).sum() for p in params)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            reports = []
+            with torch.no_grad():
+                for name, fake in fakes.items():
+                    lin = originals[name]
+                    spec = fake.spec
+                    packed = fmt.quantize(lin.weight.data.float(), spec, scales=fake.current_scales().detach())
+                    bias = lin.bias.data if lin.bias is not None else None
+                    q = QuantLinear.from_packed(packed, spec, tuple(lin.weight.shape), bias)
+                    block.set_submodule(name, q)
+                    reports.append(LayerReport(f"{adapter.blocks}.{i}.{name}", spec, 0.0))
+            # every layer of the block reports the block's relative output error after tuning
+            out = block_forward(block, inputs.hidden, inputs.kwargs, batch=batch)
+            block_err = relative_error(target, out)
+            for r in reports:
+                r.error = block_err
+            return reports
+
+        return run_sequential(model, adapter, calibration, process, run_dir, run_key, desc=f"potptq-{steps}",
+                              progress=progress, batch=batch)
