@@ -71,12 +71,17 @@ def main() -> None:
         cfg = parse_row(row)
         lm = anybit.load_model(args.model)
         rec = {"row": row, "model": args.model, "calib": f"{ctext.description} {args.nsamples}x{args.seqlen} seed {args.seed}"}
-        if cfg is not None:
-            with measure() as m:
-                anybit.quantize(lm.model, cfg, calib, progress=False)
-            rec.update(quantize_s=round(m.seconds, 1), peak_rss_mib=round(m.peak_rss_mib),
-                       bits_per_weight=round(bits_per_weight(lm.model), 3))
-        res = perplexity(lm.model, windows, dataset=etext.name, progress=False)
+        try:
+            if cfg is not None:
+                with measure() as m:
+                    anybit.quantize(lm.model, cfg, calib, progress=False)
+                rec.update(quantize_s=round(m.seconds, 1), peak_rss_mib=round(m.peak_rss_mib),
+                           bits_per_weight=round(bits_per_weight(lm.model), 3))
+            res = perplexity(lm.model, windows, dataset=etext.name, progress=False)
+        except Exception as e:  # one failing row must not lose the others
+            rec.update(error=f"{e.__class__.__name__}: {e}")
+            print(json.dumps(rec), flush=True)
+            continue
         rec.update(eval=etext.name, eval_seqlen=res.seqlen, windows=res.windows, tokens=res.tokens, ppl=round(res.ppl, 3))
         print(json.dumps(rec), flush=True)
 
