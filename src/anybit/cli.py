@@ -56,8 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bcq-fit", default=None, choices=["greedy", "alternating"], help="bcq: fit from float")
     q.add_argument("--steps", default=None, choices=["none", "init", "refine", "both"],
                    help="PoTPTQ: scale init (step 1), refinement (step 2), both (default) or none")
-    q.add_argument("--epochs", type=int, default=None, help="PoTPTQ: refinement epochs (default 10 at 3 bits, 40 at 2)")
+    q.add_argument("--act-group-size", type=int, default=None,
+                   help="activations: -1 per token (default) or the weight group size (per token group)")
+    q.add_argument("--act-sym", action="store_true", help="symmetric activations (default asymmetric)")
+    q.add_argument("--bit-balance", action="store_true", help="ABQ-LLM bit balance at 1-2 bits (same as W2* in --scheme)")
+    q.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
+    q.add_argument("--no-let", action="store_true", help="ABQ-LLM: no learnable equivalent transformation")
+    q.add_argument("--no-lwc", action="store_true", help="ABQ-LLM: no learnable weight clipping")
+    q.add_argument("--no-dc", action="store_true", help="ABQ-LLM: no distribution correction")
+    q.add_argument("--no-qkv", action="store_true", help="ABQ-LLM: keep Q/K/V in float (default: quantized at --abits)")
+    q.add_argument("--a8-layers", type=int, default=None,
+                   help="FlexQ: how many of the most sensitive layers keep 8-bit activations (default: one per block)")
+    q.add_argument("--sensitivity-samples", type=int, default=None,
+                   help="FlexQ: calibration windows for the sensitivity ranking (default 4)")
+    q.add_argument("--epochs", type=int, default=None,
+                   help="PoTPTQ / ABQ-LLM training epochs (PoTPTQ: 10 at 3 bits, 40 at 2; ABQ-LLM: 20, 40 at W2 and W8A8)")
     q.add_argument("--lr", type=float, default=None, help="PoTPTQ: Adam learning rate for Γ (default 1e-3)")
+    q.add_argument("--batch", type=int, default=None, help="PoTPTQ / ABQ-LLM: windows per optimizer step (default 1)")
     q.add_argument("--lambda", dest="lam", type=float, default=None, help="PoTPTQ: weight of (λ/2)‖Γ‖² (default 0.1)")
     q.add_argument("--resume-dir", default=None,
                    help="where calibrated methods save progress after each block (default: beside --out, "
@@ -126,11 +141,12 @@ def _log(msg: str) -> None:
 def _config_from_args(args):
     from .config import QuantConfig, parse_scheme
 
-    wbits, abits, group = 4, 16, 128
+    wbits, abits, group, balance = 4, 16, 128, args.bit_balance
     if args.scheme:
         sch = parse_scheme(args.scheme)
         wbits, abits = sch.wbits, sch.abits
         group = sch.group_size if sch.group_size is not None else group
+        balance = balance or sch.bit_balance
     wbits = args.wbits if args.wbits is not None else wbits
     abits = args.abits if args.abits is not None else abits
     group = args.group_size if args.group_size is not None else group
@@ -170,8 +186,24 @@ def _config_from_args(args):
         options["lr"] = args.lr
     if args.lam is not None:
         options["lambda"] = args.lam
+    if args.batch is not None:
+        if args.batch < 1:
+            raise AnybitError(f"--batch must be >= 1, got {args.batch}")
+        options["batch"] = args.batch
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    for flag, key in (("no_let", "let"), ("no_lwc", "lwc"), ("no_dc", "dc"), ("no_qkv", "qkv")):
+        if getattr(args, flag):
+            options[key] = False
+    if args.a8_layers is not None:
+        options["a8_layers"] = args.a8_layers
+    if args.sensitivity_samples is not None:
+        if args.sensitivity_samples < 1:
+            raise AnybitError(f"--sensitivity-samples must be >= 1, got {args.sensitivity_samples}")
+        options["sensitivity_samples"] = args.sensitivity_samples
     cfg = QuantConfig(method=args.method, wbits=wbits, abits=abits, group_size=group, sym=args.sym, seed=args.seed,
-                      skip=tuple(args.skip), options=options)
+                      skip=tuple(args.skip), options=options, bit_balance=balance, act_sym=args.act_sym,
+                      act_group_size=args.act_group_size if args.act_group_size is not None else -1)
     cfg.validate()
     return cfg
 
@@ -206,6 +238,7 @@ def cmd_quantize(args) -> int:
 
     config = _config_from_args(args)
     method = get_method(config.method)
+    config = method.prepare(config)
     method.validate(config)
     model_name = args.model or DEFAULT_MODEL
     quick = args.out is None and args.eval is None
@@ -307,8 +340,11 @@ def cmd_inspect(args) -> int:
           f"{info['bits_per_weight']} bits/weight; size on disk {info['size_on_disk_bytes'] / 2**20:.2f} MiB")
     for name, layer in info["layers"].items():
         print(f"  {name:40s} {layer['shape'][0]:>6d}x{layer['shape'][1]:<6d} {layer['format']}{layer['bits']} "
-              f"g{layer['group_size']} {'sym' if layer['sym'] else 'asym'} A{layer['abits']} "
-              f"{layer['bits_per_weight']:.3f} b/w")
+              f"g{layer['group_size']} {'sym' if layer['sym'] else 'asym'}"
+              + (f" levels {layer['levels']}" if layer.get("levels") else "")
+              + (f" A{layer['abits']} g{layer['act']['group_size']} {'sym' if layer['act']['sym'] else 'asym'} "
+                 f"{layer['bits_per_activation']:.3f} b/act" if layer["bits_per_activation"] else " A16")
+              + f" {layer['bits_per_weight']:.3f} b/w")
     return 0
 
 

@@ -45,6 +45,11 @@ class QuantConfig:
     group_size: int = 128
     sym: bool = False
     seed: int = 0
+    # activations (abits < 16): -1 per token, else per group of channels of each token
+    act_group_size: int = -1
+    act_sym: bool = False
+    # ABQ-LLM's "W2*": an asymmetric wbits grid with 2^wbits + 1 levels, stored in wbits + 1 bits
+    bit_balance: bool = False
     skip: tuple[str, ...] = ()
     overrides: dict[str, dict] = field(default_factory=dict)
     options: dict = field(default_factory=dict)
@@ -56,6 +61,10 @@ class QuantConfig:
             raise AnybitError(f"--abits must be between 2 and 8, or 16 for float activations, got {self.abits}")
         if self.group_size != -1 and self.group_size < 1:
             raise AnybitError(f"--group-size must be -1 (per output channel) or a positive integer, got {self.group_size}")
+        if self.act_group_size != -1 and self.act_group_size < 1:
+            raise AnybitError(f"--act-group-size must be -1 (per token) or a positive integer, got {self.act_group_size}")
+        if self.bit_balance and (self.sym or self.wbits > 2):
+            raise AnybitError("bit balance (W2*, W1*) applies to asymmetric 1- or 2-bit weights; drop --sym or the '*'")
         for pattern in (*self.skip, *self.overrides):
             try:
                 re.compile(pattern)
@@ -64,7 +73,7 @@ class QuantConfig:
 
     @property
     def scheme(self) -> str:
-        return f"W{self.wbits}A{self.abits}G{self.group_size}"
+        return f"W{self.wbits}{'*' if self.bit_balance else ''}A{self.abits}G{self.group_size}"
 
     def to_dict(self) -> dict:
         return asdict(self)

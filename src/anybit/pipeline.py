@@ -40,9 +40,10 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     need data (see :func:`anybit.data.calibration_windows`). ``run_dir``: where calibrated
     methods save progress after each block; a run interrupted there resumes from it.
     """
+    method = get_method(config.method)
+    config = method.prepare(config)
     config.validate()
     adapter = get_adapter(model)
-    method = get_method(config.method)
     method.validate(config)
     if method.needs_calibration and calibration is None:
         raise AnybitError(f"method {method.name} needs calibration data; pass --calib NAME_OR_PATH")
@@ -63,8 +64,9 @@ def quantization_info(model: nn.Module, config: QuantConfig, result: MethodResul
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            layers[name] = {**m.spec.to_dict(), "abits": config.abits,
+            layers[name] = {**m.spec.to_dict(), "abits": m.act.bits, "act": m.act.to_dict(),
                            "in_features": m.in_features, "out_features": m.out_features}
+    qkv = next((m.anybit_qkv for m in model.modules() if getattr(m, "anybit_qkv", None) is not None), None)
     errors = {r.name: r.error for r in result.layers}
     formats = sorted({v["format"] for v in layers.values()})
     return {
@@ -75,10 +77,13 @@ def quantization_info(model: nn.Module, config: QuantConfig, result: MethodResul
         "group_size": config.group_size,
         "sym": config.sym,
         "abits": config.abits,
+        # Q/K/V quantized at run time inside attention (ABQ-LLM), or null
+        "qkv": qkv.to_dict() if qkv is not None else None,
         "scheme": config.scheme,
         "seed": config.seed,
         "options": config.options,
         "quantization_seconds": round(seconds, 3),
         "layers": layers,
         "layer_errors": errors,
+        **result.extra,
     }

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from ..errors import AnybitError
+from .activation import ActSpec
 from .base import FormatSpec, WeightFormat
 from .bcq import BCQFormat
+from .bitplane import BitplaneFormat
 from .int import IntFormat
 from .pot import PoTFormat
 
@@ -12,6 +14,7 @@ FORMATS: dict[str, WeightFormat] = {
     "int": IntFormat(),
     "bcq": BCQFormat(),
     "pot": PoTFormat(),
+    "bitplane": BitplaneFormat(),
 }
 
 
@@ -22,4 +25,4 @@ def get_format(name: str) -> WeightFormat:
         raise AnybitError(f"unknown weight format {name!r}; known: {', '.join(sorted(FORMATS))}") from None
 
 
-__all__ = ["FORMATS", "FormatSpec", "WeightFormat", "get_format"]
+__all__ = ["ActSpec", "FORMATS", "FormatSpec", "WeightFormat", "get_format"]

@@ -20,15 +20,34 @@ from ..errors import AnybitError
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """How one weight matrix is quantized: the format's name and its parameters."""
+    """How one weight matrix is quantized: the format's name and its parameters.
+
+    ``levels`` (integer grids only): the number of grid levels when it is not ``2^bits``.
+    ABQ-LLM's bit balance ("W2*") is a 2-bit asymmetric grid with ``qmax = 2^2`` (5 levels),
+    stored and executed in 3 bits: ``FormatSpec("int", 3, g, levels=5)``.
+    """
 
     format: str = "int"
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    levels: int = 0  # 0: 2^bits
+
+    @property
+    def qmax(self) -> int:
+        """Largest unsigned code of an asymmetric integer grid."""
+        return (self.levels or (1 << self.bits)) - 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.levels:
+            del d["levels"]  # keep configs of plain grids as other tools write them
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FormatSpec":
+        """From a checkpoint's or run folder's layer entry (extra keys ignored)."""
+        return cls(str(d["format"]), int(d["bits"]), int(d["group_size"]), bool(d["sym"]), int(d.get("levels", 0)))
 
 
 def effective_group_size(group_size: int, k: int) -> int:
@@ -79,6 +98,10 @@ class WeightFormat(ABC):
             raise AnybitError(
                 f"group size must be -1 (per output channel) or a positive integer, got {spec.group_size}"
             )
+        if spec.levels and not (spec.format in ("int", "bitplane") and not spec.sym
+                                and (1 << (spec.bits - 1)) < spec.levels <= (1 << spec.bits)):
+            raise AnybitError(f"{spec.levels} grid levels do not fit an asymmetric {spec.bits}-bit "
+                              f"{spec.format} grid; bit balance needs an asymmetric integer format")
 
     @abstractmethod
     def quantize(self, w: torch.Tensor, spec: FormatSpec, **options) -> dict[str, torch.Tensor]:

@@ -65,3 +65,36 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     stream = stream.reshape(*lead, k, bits)
     bit_idx = torch.arange(bits, dtype=torch.uint8, device=packed.device)
     return (stream << bit_idx).sum(-1, dtype=torch.uint8)
+
+
+# Bit-planes (the layout of the AND+popcount GEMM, SPEC §2): plane ``i`` holds bit ``i`` of every
+# code. Each group of ``g`` codes along K starts a fresh run of whole 64-bit words (little
+# endian, padding bits 0), so a group's popcounts never mix with its neighbour's and any
+# group size, ragged last group included, works with word-wide AND + popcount.
+WORD_BITS = 64
+
+
+def plane_group_bytes(group_len: int) -> int:
+    """Bytes one group of ``group_len`` codes takes in one plane (whole 64-bit words)."""
+    return math.ceil(group_len / WORD_BITS) * (WORD_BITS // 8)
+
+
+def pack_planes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Unsigned ``codes [..., K]`` (< 2**bits) -> uint8 planes ``[bits, ..., G, plane_group_bytes(g)]``."""
+    *lead, k = codes.shape
+    g = k if group_size == -1 else group_size
+    ng = math.ceil(k / g)
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, ng * g - k)).reshape(*lead, ng, g)
+    c = torch.nn.functional.pad(c, (0, plane_group_bytes(g) * 8 - g))
+    return torch.stack([pack((c >> i) & 1, 1) for i in range(bits)])
+
+
+def unpack_planes(planes: torch.Tensor, bits: int, k: int, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_planes`: uint8 codes ``[..., K]``."""
+    g = k if group_size == -1 else group_size
+    nbytes = planes.shape[-1]
+    codes = None
+    for i in range(bits):
+        b = unpack(planes[i], 1, nbytes * 8)[..., :g] << i
+        codes = b if codes is None else codes | b
+    return codes.reshape(*codes.shape[:-2], -1)[..., :k]

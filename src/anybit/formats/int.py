@@ -11,7 +11,8 @@ Stored tensors (the packed layout):
   ``scales``  float16 ``[N, G]``           one scale per (row, group)
   ``qzeros``  uint8 ``[N, ceil(G·b/8)]``  zero points as b-bit codes (asymmetric only)
 Scales are rounded to float16 *before* the codes are computed, so the packed model is
-exactly the model that was evaluated.
+exactly the model that was evaluated. An asymmetric grid may use fewer than ``2^b`` levels
+(``spec.levels``, ABQ-LLM's bit balance: codes ``0..levels−1``).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def group_params(
     # asymmetric: the range always contains 0 so that zero weights stay exact
     wmax = (wmax.clamp_min(0) * shrink)
     wmin = (wmin.clamp_max(0) * shrink)
-    s = ((wmax - wmin) / ((1 << spec.bits) - 1)).clamp_min(_MIN_SCALE).to(SCALE_DTYPE).float()
-    z = torch.round(-wmin / s).clamp(0, (1 << spec.bits) - 1)
+    s = ((wmax - wmin) / spec.qmax).clamp_min(_MIN_SCALE).to(SCALE_DTYPE).float()
+    z = torch.round(-wmin / s).clamp(0, spec.qmax)
     return s, z
 
 
@@ -64,7 +65,7 @@ def encode(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: For
     s = expand_groups(scales, spec.group_size, k)
     z = expand_groups(zeros, spec.group_size, k)
     q = torch.round(w.float() / s) + z
-    return q.clamp(0, (1 << spec.bits) - 1).to(torch.uint8)
+    return q.clamp(0, spec.qmax).to(torch.uint8)
 
 
 def decode(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: FormatSpec) -> torch.Tensor:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AnybitError
-from ..formats import FormatSpec, get_format
+from ..formats import ActSpec, FormatSpec, get_format
 
 WEIGHTS = "model.safetensors"
 
@@ -138,14 +138,14 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
         model = AutoModelForCausalLM.from_config(hf_config)
     get_adapter(model)  # unsupported architectures fail here, clearly
     for name, spec_d in qc["layers"].items():
-        spec = FormatSpec(spec_d["format"], int(spec_d["bits"]), int(spec_d["group_size"]), bool(spec_d["sym"]))
+        spec = FormatSpec.from_dict(spec_d)
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             raise AnybitError(f"{path}: layer {name} in quantization_config is not in the model; the checkpoint is corrupt") from None
         get_format(spec.format).validate(spec)
         q = QuantLinear(linear.in_features, linear.out_features, spec, bias=linear.bias is not None,
-                        dtype=linear.weight.dtype)
+                        dtype=linear.weight.dtype, act=ActSpec.from_layer(spec_d))
         model.set_submodule(name, q)
     expected = model.state_dict()
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -159,6 +159,10 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
     model.load_state_dict(state, strict=False)
     if tied:
         model.tie_weights()
+    if isinstance(qc.get("qkv"), dict):
+        from ..nn.attention import set_qkv
+
+        set_qkv(model, ActSpec.from_layer({"act": qc["qkv"]}))
     model.anybit_info = qc
     model.eval()
     if not (path / "tokenizer_config.json").is_file():
@@ -190,15 +194,19 @@ def inspect(path: str | os.PathLike) -> dict:
     qbits = 0.0
     qweights = 0
     for name, spec_d in qc["layers"].items():
-        spec = FormatSpec(spec_d["format"], int(spec_d["bits"]), int(spec_d["group_size"]), bool(spec_d["sym"]))
+        spec = FormatSpec.from_dict(spec_d)
         fmt = get_format(spec.format)
         n, k = spec_d.get("out_features"), spec_d.get("in_features")
         missing = [t for t in fmt.packed_layout(spec, (n or 1, k or 1)) if f"{name}.{t}" not in shapes]
         if n is None or k is None or missing:
             raise AnybitError(f"{f} lacks the tensors of layer {name}; the checkpoint is corrupt")
         bpw = fmt.bits_per_weight(spec, (n, k))
+        act = ActSpec.from_layer(spec_d)
         layers[name] = {"shape": [n, k], "format": spec.format, "bits": spec.bits, "group_size": spec.group_size,
-                        "sym": spec.sym, "abits": spec_d.get("abits", 16), "bits_per_weight": round(bpw, 4)}
+                        "sym": spec.sym, **({"levels": spec.levels} if spec.levels else {}),
+                        "abits": act.bits, "act": act.to_dict(),
+                        "bits_per_activation": round(act.bits_per_activation(k), 4) if act.enabled else None,
+                        "bits_per_weight": round(bpw, 4)}
         qbits += bpw * n * k
         qweights += n * k
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())

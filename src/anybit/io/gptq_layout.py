@@ -71,7 +71,7 @@ def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         raise AnybitError(f"{src} does not exist or is not a folder; give a folder written by `anybit quantize`")
     config = read_quant_config(src)
     qc = config["quantization_config"]
-    specs = {name: FormatSpec(d["format"], int(d["bits"]), int(d["group_size"]), bool(d["sym"]))
+    specs = {name: FormatSpec.from_dict(d)
              for name, d in qc["layers"].items()}
     if not specs:
         raise AnybitError(f"{src} has no quantized layers")

@@ -14,6 +14,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..formats import activation
+
 
 def _key(module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in module.packed().values())
@@ -33,5 +35,8 @@ def dequantized(module) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, module) -> torch.Tensor:
+    """Dynamic activation quantize-dequantize (if the layer quantizes its input), then the
+    dequantized weight."""
+    x = activation.fake_quantize(x, module.act)
     w = dequantized(module).to(x.dtype)
     return F.linear(x, w, module.bias)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from ..errors import AnybitError
+from .abq import ABQ
 from .base import LayerReport, Method, MethodResult
 from .bcq_fit import BCQFit
+from .flexq import FlexQ
 from .gptq import GPTQ
 from .gptqt import GPTQT
 from .potptq import PoTPTQ
 from .rtn import RTN
+from .smoothquant import SmoothQuant
 
 METHODS: dict[str, Method] = {
     "rtn": RTN(),
@@ -16,6 +19,9 @@ METHODS: dict[str, Method] = {
     "gptqt": GPTQT(),
     "bcq": BCQFit(),
     "potptq": PoTPTQ(),
+    "smoothquant": SmoothQuant(),
+    "abq": ABQ(),
+    "flexq": FlexQ(),
 }
 
 

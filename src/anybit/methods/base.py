@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..formats import FormatSpec, get_format
+from ..errors import AnybitError
+from ..formats import ActSpec, FormatSpec, get_format
 from ..models import Adapter
 
 
@@ -27,6 +28,8 @@ class LayerReport:
 @dataclass
 class MethodResult:
     layers: list[LayerReport] = field(default_factory=list)
+    # what else the method found, kept in the checkpoint's quantization_config (e.g. FlexQ's ranking)
+    extra: dict = field(default_factory=dict)
 
 
 class Method(ABC):
@@ -35,26 +38,69 @@ class Method(ABC):
 
     name: str
     needs_calibration: bool = False
-    # the weight format this method produces (a method may choose per layer)
+    # the weight format this method produces (a method may choose per layer); an "int"
+    # method whose layer also quantizes activations stores the same grid as "bitplane",
+    # the layout of the WxAy GEMM
     weight_format: str = "int"
+    # whether the method can quantize activations (abits < 16)
+    supports_act: bool = False
 
-    def layer_spec(self, config: QuantConfig, name: str) -> FormatSpec | None:
-        """The spec for linear ``name``, with per-layer overrides; None if it is skipped."""
+    def prepare(self, config: QuantConfig) -> QuantConfig:
+        """The config with the method's fixed conventions applied (default: unchanged)."""
+        return config
+
+    def layer_fields(self, config: QuantConfig, name: str) -> dict | None:
+        """wbits/abits/group_size/sym of linear ``name`` after per-layer overrides; None if skipped."""
         if any(re.search(p, name) for p in config.skip):
             return None
-        fields = {"wbits": config.wbits, "group_size": config.group_size, "sym": config.sym}
+        fields = {"wbits": config.wbits, "abits": config.abits, "group_size": config.group_size, "sym": config.sym}
         for pattern, over in config.overrides.items():
             if re.search(pattern, name):
                 fields.update(over)
-        return FormatSpec(self.weight_format, fields["wbits"], fields["group_size"], fields["sym"])
+        return fields
+
+    def spec_from_fields(self, config: QuantConfig, fields: dict) -> FormatSpec:
+        fmt = self.weight_format
+        if fmt == "int" and fields["abits"] < 16:
+            fmt = "bitplane"
+        bits, levels = fields["wbits"], 0
+        if config.bit_balance and fmt in ("int", "bitplane"):
+            bits, levels = bits + 1, (1 << bits) + 1
+        return FormatSpec(fmt, bits, fields["group_size"], fields["sym"], levels)
+
+    def layer_spec(self, config: QuantConfig, name: str) -> FormatSpec | None:
+        """The weight spec for linear ``name``, with per-layer overrides; None if it is skipped."""
+        fields = self.layer_fields(config, name)
+        return None if fields is None else self.spec_from_fields(config, fields)
+
+    def layer_act(self, config: QuantConfig, name: str) -> ActSpec:
+        """How linear ``name`` quantizes its input at run time (bits 16: not at all)."""
+        fields = self.layer_fields(config, name) or {"abits": 16}
+        return ActSpec(fields["abits"], config.act_group_size, config.act_sym)
 
     def validate(self, config: QuantConfig) -> None:
         """Raise :class:`anybit.AnybitError` for settings this method cannot honour."""
-        get_format(self.weight_format).validate(FormatSpec(self.weight_format, config.wbits, config.group_size, config.sym))
-        for over in config.overrides.values():
-            spec = FormatSpec(self.weight_format, over.get("wbits", config.wbits),
-                              over.get("group_size", config.group_size), over.get("sym", config.sym))
-            get_format(self.weight_format).validate(spec)
+        all_fields = [{"wbits": config.wbits, "abits": config.abits, "group_size": config.group_size, "sym": config.sym}]
+        all_fields += [{**all_fields[0], **over} for over in config.overrides.values()]
+        for fields in all_fields:
+            spec = self.spec_from_fields(config, fields)
+            get_format(spec.format).validate(spec)
+            act = ActSpec(fields["abits"], config.act_group_size, config.act_sym)
+            act.validate()
+            if act.enabled and not self.supports_act:
+                raise AnybitError(f"method {self.name} quantizes weights only; use --abits 16, or a method "
+                                  f"that quantizes activations (rtn, smoothquant, abq, flexq)")
+            if act.enabled and act.group_size != -1 and act.group_size != spec.group_size:
+                raise AnybitError(f"--act-group-size {act.group_size} must be -1 (per token) or equal to the weight "
+                                  f"group size {spec.group_size}, so that the bit-plane GEMM's groups line up")
+
+    def make_linear(self, linear: nn.Module, packed: dict[str, torch.Tensor], spec: FormatSpec,
+                    act: ActSpec | None = None) -> "QuantLinear":
+        """The :class:`QuantLinear` holding ``packed`` in place of float ``linear``."""
+        from ..nn import QuantLinear
+
+        bias = linear.bias.data if linear.bias is not None else None
+        return QuantLinear.from_packed(packed, spec, tuple(linear.weight.shape), bias, act=act)
 
     @abstractmethod
     def run(self, model: nn.Module, adapter: Adapter, config: QuantConfig,
@@ -81,6 +127,7 @@ def quantize_layers_data_free(method: Method, model: nn.Module, adapter: Adapter
             if spec is None:
                 continue
             q = quantize_layer(linear, spec)
+            q.act = method.layer_act(config, full)
             err = relative_error(linear.weight.data, q.dequantize_weight())
             block.set_submodule(lname, q)
             result.layers.append(LayerReport(full, spec, err))

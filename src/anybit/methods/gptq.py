@@ -16,7 +16,7 @@ from the unquantized weight, so the stored layout stays group-contiguous).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
     zeros = torch.zeros(n, ng)
     if static_groups or spec.group_size == -1:
         for gi in range(ng):
-            s, z = intfmt.group_params(W[:, gi * g:(gi + 1) * g], FormatSpec(spec.format, spec.bits, -1, spec.sym),
+            s, z = intfmt.group_params(W[:, gi * g:(gi + 1) * g], replace(spec, group_size=-1),
                                        shrink)
             scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = s, z
     perm = None
@@ -104,7 +104,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
     # blocks hold whole groups, so that a group's parameters see its up-to-date columns
     if not static_groups and spec.group_size != -1:
         blocksize = g * max(1, blocksize // g)
-    maxq = (1 << spec.bits) - 1
+    maxq = spec.qmax
     Q = torch.zeros_like(W)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     for i1 in range(0, k, blocksize):
@@ -117,7 +117,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
             col = i1 + i
             gi = int(col_group[col])
             if not static_groups and spec.group_size != -1 and col % g == 0:
-                s, z = intfmt.group_params(W1[:, i:i + g], FormatSpec(spec.format, spec.bits, -1, spec.sym), shrink)
+                s, z = intfmt.group_params(W1[:, i:i + g], replace(spec, group_size=-1), shrink)
                 scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = s, z
             s, z = scales[:, gi], zeros[:, gi]
             w = W1[:, i]
@@ -161,6 +161,7 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
+    supports_act = True  # GPTQ weights with dynamic activations (W4A8, ...)
 
     def gptq_options(self, config: QuantConfig) -> dict:
         opts = config.options
@@ -195,6 +196,7 @@ class GPTQ(Method):
                 accs = collect_hessians(block, linears, forward)
                 for name, lin in linears.items():
                     q, err = self.quantize_layer(lin, accs.pop(name).H, specs[name], config)
+                    q.act = self.layer_act(config, f"{adapter.blocks}.{i}.{name}")
                     block.set_submodule(name, q)
                     reports.append(LayerReport(f"{adapter.blocks}.{i}.{name}", specs[name], err))
             return reports

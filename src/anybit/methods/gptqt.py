@@ -49,6 +49,7 @@ def to_bcq(w_int: torch.Tensor, spec: FormatSpec, col_weight: torch.Tensor | Non
 class GPTQT(GPTQ):
     name = "gptqt"
     weight_format = "bcq"
+    supports_act = False
 
     def validate(self, config: QuantConfig) -> None:
         h = int(config.options.get("intermediate_bits", default_intermediate_bits(config.wbits)))

@@ -42,6 +42,7 @@ def search_shrink(w: torch.Tensor, spec: FormatSpec, grid: int = DEFAULT_GRID,
 
 class RTN(Method):
     name = "rtn"
+    supports_act = True  # weights RTN, activations dynamic per token (the W+A baseline)
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration=None, progress=True, run_dir=None,
             run_key="") -> MethodResult:

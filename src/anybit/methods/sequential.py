@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..formats import FormatSpec
+from ..formats import ActSpec, FormatSpec
 from ..models import Adapter
 from ..nn import QuantLinear
 from ..progress import bar
@@ -44,10 +44,17 @@ class _Captured(Exception):
 
 @dataclass
 class BlockInputs:
-    """Hidden states entering a block, ``[n, seqlen, hidden]``, and the block kwargs."""
+    """Hidden states entering a block, ``[n, seqlen, hidden]``, and the block kwargs.
+
+    With ``fp_chain`` (ABQ-LLM's loss), also the inputs the block would get in the float
+    model (``fp_hidden``) and the float block's outputs on them (``fp_out``, the next
+    block's ``fp_hidden``).
+    """
 
     hidden: torch.Tensor
     kwargs: dict
+    fp_hidden: torch.Tensor | None = None
+    fp_out: torch.Tensor | None = None
 
 
 def _act_budget_bytes() -> int:
@@ -156,9 +163,11 @@ class RunFolder:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.path / name)
 
-    def save_block(self, i: int, block: nn.Module, hidden_next: torch.Tensor, progress: dict) -> None:
+    def save_block(self, i: int, block: nn.Module, hidden_next: torch.Tensor, progress: dict,
+                   fp_next: torch.Tensor | None = None) -> None:
         self._atomic_save(block.state_dict(), f"block_{i}.safetensors")
-        self._atomic_save({"hidden": hidden_next}, "acts.safetensors")
+        acts = {"hidden": hidden_next} if fp_next is None else {"hidden": hidden_next, "fp_hidden": fp_next}
+        self._atomic_save(acts, "acts.safetensors")
         tmp = self.path / ".progress.json.tmp"
         tmp.write_text(json.dumps(progress))
         os.replace(tmp, self._progress_file())
@@ -166,8 +175,8 @@ class RunFolder:
     def load_block(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / f"block_{i}.safetensors"))
 
-    def load_acts(self) -> torch.Tensor:
-        return load_file(str(self.path / "acts.safetensors"))["hidden"]
+    def load_acts(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / "acts.safetensors"))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -179,9 +188,10 @@ def _restore_block(block: nn.Module, block_prefix: str, layers: dict, state: dic
             continue
         lname = full[len(block_prefix) + 1:]
         lin = block.get_submodule(lname)
-        spec = FormatSpec(spec_d["format"], spec_d["bits"], spec_d["group_size"], spec_d["sym"])
+        spec = FormatSpec.from_dict(spec_d)
         if not isinstance(lin, QuantLinear):
-            q = QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None, dtype=lin.weight.dtype)
+            q = QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None, dtype=lin.weight.dtype,
+                            act=ActSpec.from_layer(spec_d))
             block.set_submodule(lname, q)
     block.load_state_dict(state)
 
@@ -191,13 +201,14 @@ BlockFn = Callable[[int, nn.Module, BlockInputs, Callable[[nn.Module], BlockInpu
 
 def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, process_block: BlockFn,
                    run_dir: Path | None, key: str, desc: str, progress: bool = True,
-                   batch: int = DEFAULT_BATCH) -> MethodResult:
+                   batch: int = DEFAULT_BATCH, fp_chain: bool = False) -> MethodResult:
     """Drive ``process_block(i, block, inputs, forward)`` over the decoder blocks in order.
 
     ``process_block`` quantizes ``block`` in place (replacing linears by QuantLinear) and
     returns its layer reports; ``forward(block)`` recomputes a block's outputs on the
     current inputs when the method needs them. With ``run_dir``, progress is saved after
-    every block and a previous run with the same ``key`` resumes.
+    every block and a previous run with the same ``key`` resumes. With ``fp_chain`` the
+    float model's activations are carried along too (:class:`BlockInputs`).
     """
     blocks = adapter.get_blocks(model)
     result = MethodResult()
@@ -213,14 +224,24 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
         layers = prog["layers"]
         for i in range(start):
             _restore_block(blocks[i], f"{adapter.blocks}.{i}", layers, folder.load_block(i))
-        result.layers = [LayerReport(r["name"], FormatSpec(**r["spec"]), r["error"]) for r in prog["reports"]]
-        if start < len(blocks):
-            inputs.hidden.copy_(folder.load_acts())
-    spare = alloc_acts(tuple(inputs.hidden.shape), run_dir if folder else None, "acts_b")
+        result.layers = [LayerReport(r["name"], FormatSpec.from_dict(r["spec"]), r["error"]) for r in prog["reports"]]
+    where = run_dir if folder else None
+    if fp_chain:
+        inputs.fp_hidden = alloc_acts(tuple(inputs.hidden.shape), where, "acts_fp_a")
+        inputs.fp_hidden.copy_(inputs.hidden)
+        inputs.fp_out = alloc_acts(tuple(inputs.hidden.shape), where, "acts_fp_b")
+    if prog is not None and start < len(blocks):
+        acts = folder.load_acts()
+        inputs.hidden.copy_(acts["hidden"])
+        if fp_chain:
+            inputs.fp_hidden.copy_(acts["fp_hidden"])
+    spare = alloc_acts(tuple(inputs.hidden.shape), where, "acts_b")
     it = bar(range(start, len(blocks)), desc=desc, total=len(blocks), enabled=progress, unit="block", initial=start)
     kill_after = int(os.environ.get("ANYBIT_TEST_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
     for i in it:
         block = blocks[i]
+        if fp_chain:  # the float block's outputs, before the method changes it
+            block_forward(block, inputs.fp_hidden, inputs.kwargs, out=inputs.fp_out, batch=batch)
         reports = process_block(i, block, inputs, lambda b: block_forward(b, inputs.hidden, inputs.kwargs, batch=batch))
         result.layers.extend(reports)
         if reports:
@@ -229,12 +250,16 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
                            worst=worst.name.split(".")[-1], refresh=False)
         block_forward(block, inputs.hidden, inputs.kwargs, out=spare, batch=batch)
         inputs.hidden, spare = spare, inputs.hidden
+        if fp_chain:
+            inputs.fp_hidden, inputs.fp_out = inputs.fp_out, inputs.fp_hidden
         if folder is not None:
-            for r in reports:
-                layers[r.name] = r.spec.to_dict()
+            for lname, m in block.named_modules():
+                if isinstance(m, QuantLinear):
+                    layers[f"{adapter.blocks}.{i}.{lname}"] = {**m.spec.to_dict(), "act": m.act.to_dict()}
             folder.save_block(i, block, inputs.hidden, {
                 "key": key, "done": i + 1, "layers": layers,
-                "reports": [{"name": r.name, "spec": r.spec.to_dict(), "error": r.error} for r in result.layers]})
+                "reports": [{"name": r.name, "spec": r.spec.to_dict(), "error": r.error} for r in result.layers]},
+                fp_next=inputs.fp_hidden if fp_chain else None)
         if i == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     return result

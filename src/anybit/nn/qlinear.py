@@ -6,22 +6,24 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..formats import FormatSpec, get_format
+from ..formats import ActSpec, FormatSpec, get_format
 
 
 class QuantLinear(nn.Module):
-    """``y = x Wᵀ + b`` with ``W`` stored packed; computed through the kernel dispatch.
+    """``y = Q_a(x) Wᵀ + b`` with ``W`` stored packed; computed through the kernel dispatch.
 
     The packed tensors are buffers named after the format's layout, so ``state_dict``
-    holds exactly what goes to disk.
+    holds exactly what goes to disk. ``act`` says how the input is quantized at run time
+    (dynamic, per token or token group; ``bits = 16``: float input).
     """
 
     def __init__(self, in_features: int, out_features: int, spec: FormatSpec, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, act: ActSpec | None = None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
+        self.act = act or ActSpec()
         self.fmt = get_format(spec.format)
         for name, (shape, dt) in self.fmt.packed_layout(spec, self.shape).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
@@ -39,10 +41,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, packed: dict[str, torch.Tensor], spec: FormatSpec, shape: tuple[int, int],
-                    bias: torch.Tensor | None = None) -> "QuantLinear":
+                    bias: torch.Tensor | None = None, act: ActSpec | None = None) -> "QuantLinear":
         n, k = shape
         dtype = bias.dtype if bias is not None else torch.float32
-        m = cls(k, n, spec, bias=bias is not None, dtype=dtype)
+        m = cls(k, n, spec, bias=bias is not None, dtype=dtype, act=act)
         for name, t in packed.items():
             expected = getattr(m, name)
             if tuple(t.shape) != tuple(expected.shape) or t.dtype != expected.dtype:
@@ -54,12 +56,12 @@ class QuantLinear(nn.Module):
         return m
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: FormatSpec, **options) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, spec: FormatSpec, act: ActSpec | None = None, **options) -> "QuantLinear":
         """Round-to-nearest quantization of a float linear layer (``options`` go to the format)."""
         fmt = get_format(spec.format)
         packed = fmt.quantize(linear.weight.data.float(), spec, **options)
         bias = linear.bias.data if linear.bias is not None else None
-        return cls.from_packed(packed, spec, tuple(linear.weight.shape), bias)
+        return cls.from_packed(packed, spec, tuple(linear.weight.shape), bias, act=act)
 
     def dequantize_weight(self) -> torch.Tensor:
         return self.fmt.dequantize(self.packed(), self.spec, self.shape)
@@ -72,5 +74,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
+        a = f", abits={self.act.bits}" if self.act.enabled else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={s.format}, "
-                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}, bias={self.bias is not None}")
+                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}{a}, bias={self.bias is not None}")

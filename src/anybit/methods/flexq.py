@@ -1,0 +1,107 @@
+"""FlexQ (arXiv 2508.04405): INT6 weights, 6-bit activations, and 8-bit activations kept in
+the layers a sensitivity analysis finds most fragile (SPEC §3).
+
+* Weights: symmetric INT (6-bit: ``[−32, 31]``, ``s = absmax/31``) per group of 128 along
+  K, round to nearest, calibration-free.
+* Activations: dynamic per token and per group of 128 channels (the weight groups, so
+  the bit-plane GEMM's group-wise scales line up), symmetric; ``abits`` (6) everywhere
+  except the chosen layers, which keep 8 bits. Attention matmuls and KV cache stay float.
+* Sensitivity (the paper's metric is not public; this is ours, SPEC *open*): with every
+  layer at W6A8, the model's mean KL divergence to the float model on a few calibration
+  windows; then, one layer at a time, that layer's activations drop to A6 and the
+  increase of the KL over the all-A8 model is that layer's sensitivity. The ``a8_layers``
+  most sensitive layers (default: as many as there are decoder blocks, ~1/7 of the
+  linears of a Llama model) keep A8. The ranking is printed and kept in the checkpoint.
+
+One KL pass per linear: on SmolLM2-135M, 210 passes over ``sensitivity_samples`` (4)
+calibration windows.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from ..config import QuantConfig
+from ..errors import AnybitError
+from ..models import Adapter
+from ..nn import QuantLinear
+from ..progress import bar
+from .base import Method, MethodResult, quantize_layers_data_free
+
+# tokens per window used for the ranking (bounds the float reference's log-probabilities in memory)
+SENSITIVITY_SEQLEN = 512
+
+
+@torch.no_grad()
+def _logprobs(model, windows: torch.Tensor) -> list[torch.Tensor]:
+    return [F.log_softmax(model(windows[i: i + 1], use_cache=False).logits[0].float(), -1) for i in range(len(windows))]
+
+
+@torch.no_grad()
+def mean_kl(model, windows: torch.Tensor, ref: list[torch.Tensor]) -> float:
+    """Mean per-token KL(P_ref ‖ P_model) over ``windows``."""
+    total, count = 0.0, 0
+    for i in range(len(windows)):
+        lp = F.log_softmax(model(windows[i: i + 1], use_cache=False).logits[0].float(), -1)
+        total += (ref[i].exp() * (ref[i] - lp)).sum().item()
+        count += lp.shape[0]
+    return total / count
+
+
+class FlexQ(Method):
+    name = "flexq"
+    needs_calibration = True  # the sensitivity ranking only
+    supports_act = True
+
+    def prepare(self, config: QuantConfig) -> QuantConfig:
+        """FlexQ's fixed conventions: symmetric weights and activations, activation groups = weight groups."""
+        return replace(config, sym=True, act_sym=True, act_group_size=config.group_size)
+
+    def validate(self, config: QuantConfig) -> None:
+        if config.abits >= 16:
+            raise AnybitError("flexq quantizes activations; give --abits (6) or a scheme like W6A6")
+        if int(config.options.get("a8_layers", 0)) < 0:
+            raise AnybitError("--a8-layers must be >= 0")
+        super().validate(self.prepare(config))
+
+    def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
+            run_key: str = "") -> MethodResult:
+        config = self.prepare(config)
+        high = int(config.options.get("high_abits", 8))
+        nwin = int(config.options.get("sensitivity_samples", 4))
+        windows = calibration[:nwin, :SENSITIVITY_SEQLEN]
+        ref = _logprobs(model, windows)  # the float model
+        result = quantize_layers_data_free(self, model, adapter, config,
+                                           lambda lin, spec: QuantLinear.from_linear(lin, spec), "flexq-w", progress)
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+        budget = int(config.options.get("a8_layers", len(adapter.get_blocks(model))))
+        low = {n: m.act for n, m in layers.items()}
+        high_act = {n: replace(a, bits=high) for n, a in low.items()}
+        for n, m in layers.items():
+            m.act = high_act[n]
+        base = mean_kl(model, windows, ref)
+        scores = {}
+        it = bar(list(layers), desc="flexq-sensitivity", enabled=progress, unit="layer")
+        for n in it:
+            layers[n].act = low[n]
+            scores[n] = mean_kl(model, windows, ref) - base
+            layers[n].act = high_act[n]
+            it.set_postfix(layer=n.split(".", 2)[-1], dkl=f"{scores[n]:.2e}", refresh=False)
+        ranking = sorted(scores, key=scores.get, reverse=True)
+        keep = set(ranking[:budget])
+        for n, m in layers.items():
+            m.act = high_act[n] if n in keep else low[n]
+        result.extra["sensitivity"] = {
+            "metric": f"increase of mean KL to the float model when only this layer drops from A{high} to "
+                      f"A{config.abits} (all others A{high}); {windows.shape[0]} x {windows.shape[1]} calibration tokens",
+            "base_kl": base, "a8_layers": ranking[:budget], "scores": {n: scores[n] for n in ranking}}
+        if progress:
+            print(f"flexq: A{high} kept in {budget} of {len(layers)} layers (all-A{high} KL {base:.3e}); "
+                  "most sensitive first:", file=sys.stderr)
+            for n in ranking[: max(budget, 10)]:
+                print(f"  {n:40s} dKL {scores[n]:.3e}{'  A' + str(high) if n in keep else ''}", file=sys.stderr)
+        return result
