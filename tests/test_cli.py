@@ -113,3 +113,31 @@ def test_entry_point_exit_code_and_no_traceback(tmp_path):
                        text=True, cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("anybit: error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+@needs_stories
+def test_weight_activation_bad_input(tmp_path, capsys):
+    o = str(tmp_path / "o")
+    cases = [
+        (("--method", "gptqt", "--scheme", "W3A8"), "weights only"),
+        (("--method", "potptq", "--wbits", "3", "--abits", "8"), "weights only"),
+        (("--scheme", "W4A8G32", "--act-group-size", "7"), "--act-group-size"),
+        (("--scheme", "W4A1"), "--abits"),
+        (("--method", "flexq", "--scheme", "W6A16"), "flexq quantizes activations"),
+        (("--method", "abq", "--scheme", "W4*A8"), "bit balance"),
+        (("--method", "smoothquant", "--scheme", "W8A8", "--alpha", "2"), "--alpha"),
+    ]
+    for argv, needle in cases:
+        assert_one_line_error(*run(capsys, "quantize", "stories260k", *argv, "--out", o)[::2], needle)
+    assert not (tmp_path / "o").exists()
+
+
+@needs_stories
+def test_weight_activation_scheme_round_trip(tmp_path, capsys):
+    out = tmp_path / "w4a8"
+    code, _, _ = run(capsys, "quantize", "stories260k", "--scheme", "W4A8G32", "--act-sym", "--out", str(out))
+    assert code == 0
+    code, stdout, _ = run(capsys, "inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert {(x["format"], x["abits"], x["act"]["sym"]) for x in info["layers"].values()} == {("bitplane", 8, True)}
+    assert all(x["bits_per_activation"] > 8 for x in info["layers"].values())
