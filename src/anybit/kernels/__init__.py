@@ -2,8 +2,8 @@
 
 The reference backend handles every format. Fast backends register functions for the
 formats they implement; a format a backend lacks falls back to the reference. The
-backend is chosen by ``ANYBIT_KERNEL`` (default ``auto``: the fastest registered) or
-:func:`use`.
+backend is chosen by ``ANYBIT_KERNEL`` (default ``auto``: the fastest registered, i.e.
+``native`` when the extension is built) or :func:`use` / ``--kernel``.
 """
 
 from __future__ import annotations
@@ -77,3 +77,14 @@ def resolve(fmt: str) -> LinearFn:
 
 def linear(x: torch.Tensor, module) -> torch.Tensor:
     return resolve(module.spec.format)(x, module)
+
+
+def _register_native() -> None:
+    from . import native
+
+    if native.available():
+        for fmt, fn in native.KERNELS.items():
+            register("native", fmt, fn, priority=0)
+
+
+_register_native()

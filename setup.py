@@ -1,0 +1,25 @@
+"""Builds anybit's native CPU kernels (one C++ file, OpenMP; no PyTorch headers, so one build
+serves every torch version). Everything else is in pyproject.toml.
+
+The kernels are optional at run time: if the compiler is missing or the build fails,
+set ANYBIT_NO_NATIVE=1 to install without them; anybit then runs its PyTorch reference
+kernels and says so once.
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+ext_modules = []
+if os.environ.get("ANYBIT_NO_NATIVE") != "1":
+    ext_modules.append(Extension(
+        "anybit.kernels._native",
+        sources=["src/anybit/kernels/native/anybit_native.cpp"],
+        depends=["src/anybit/kernels/native/kernels_impl.inc"],
+        language="c++",
+        # per-ISA code is selected with #pragma GCC target inside the file, not with -m flags
+        extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"],
+        extra_link_args=["-fopenmp"],
+    ))
+
+setup(ext_modules=ext_modules)

@@ -1,0 +1,274 @@
+"""The native CPU backend: AVX-512 / AVX2 / portable C++ kernels for every packed format
+(``_native`` extension, built by the package's own build, reached through ctypes).
+
+Instruction set: the best the CPU has, or ``ANYBIT_ISA`` = ``avx512`` | ``avx2`` |
+``scalar`` (capped at what the CPU has), or :func:`set_isa`. Threads: torch's
+(``torch.get_num_threads()``). If the extension is missing or fails to load, anybit warns
+once and the dispatch keeps the PyTorch reference kernels.
+
+Each kernel takes the format's packed tensors in a kernel layout prepared once per module
+(cached like the reference backend's dequantized weight):
+  * ``int`` / ``pot``: the stored codes as they are; float32 scales (and ``s·z``);
+  * ``bcq``: bit-planes transposed to ``[q, K/8, N]`` bytes, α to ``[G, q, N]``;
+  * ``bitplane``: planes as 64-bit words ``[G, b, W, N]`` (8 rows per 512-bit load), plus
+    per-group code sums for the zero-point terms.
+Formats or specs a kernel does not cover (BCQ groups not a multiple of 8, INT weights
+with quantized activations) run on the reference backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import warnings
+from ctypes import c_float, c_int, c_int64, c_void_p
+
+import torch
+
+from ..formats import get_format
+from ..formats import int as intfmt
+from . import reference
+
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISA_NAMES = {v: k for k, v in ISAS.items()}
+
+_lib = None
+_load_error: str | None = None
+
+
+def _load():
+    global _lib, _load_error
+    if _lib is not None or _load_error is not None:
+        return _lib
+    try:
+        spec = importlib.util.find_spec("anybit.kernels._native")
+        if spec is None or spec.origin is None:
+            raise ImportError("the extension anybit.kernels._native is not built")
+        lib = ctypes.CDLL(spec.origin)
+        i64, p = c_int64, c_void_p
+        lib.anybit_cpu_isa.restype = c_int
+        lib.anybit_set_isa.restype = c_int
+        lib.anybit_set_isa.argtypes = [c_int]
+        lib.anybit_get_isa.restype = c_int
+        lib.anybit_int_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, p, c_int]
+        lib.anybit_pot_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, c_int]
+        lib.anybit_dequant.argtypes = [c_int, p, i64, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int, p]
+        lib.anybit_bcq_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, p, c_int]
+        lib.anybit_bitplane_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, i64, p, p, p, c_int,
+                                             c_int, i64, p, p, c_int]
+        for f in ("anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm"):
+            getattr(lib, f).restype = None
+        env = os.environ.get("ANYBIT_ISA")
+        if env:
+            if env not in ISAS:
+                raise ValueError(f"ANYBIT_ISA={env!r}; choose one of {', '.join(ISAS)}")
+            lib.anybit_set_isa(ISAS[env])
+        _lib = lib
+    except (OSError, ImportError, ValueError) as e:
+        _load_error = str(e)
+        warnings.warn(f"anybit: native kernels unavailable ({e}); using the PyTorch reference kernels",
+                      RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def cpu_isa() -> str:
+    """The best instruction set of this CPU that the kernels use."""
+    return ISA_NAMES[_load().anybit_cpu_isa()]
+
+
+def isa() -> str:
+    return ISA_NAMES[_load().anybit_get_isa()]
+
+
+def set_isa(name: str) -> str:
+    """Use ``name`` (capped at the CPU's best); returns the one in use."""
+    return ISA_NAMES[_load().anybit_set_isa(ISAS[name])]
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _group(spec, k: int) -> tuple[int, int]:
+    g = k if spec.group_size == -1 else spec.group_size
+    return g, -(-k // g)
+
+
+def _cached(module, build):
+    """The kernel layout of ``module``'s packed tensors, rebuilt when they change."""
+    key = reference._key(module)
+    cached = getattr(module, "_native_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    data = build(module)
+    module._native_cache = (key, data)
+    return data
+
+
+def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+# Above this many activation rows (prefill, evaluation, calibration), a GEMM is compute-bound
+# and the reference path (weight dequantized once and cached, then BLAS) is faster; the
+# native kernels serve decoding and small batches, where reading the packed weight is the
+# cost. ANYBIT_NATIVE_MAX_ROWS overrides it.
+MAX_ROWS = int(os.environ.get("ANYBIT_NATIVE_MAX_ROWS", "64"))
+
+
+def _too_many_rows(x: torch.Tensor, k: int) -> bool:
+    return x.numel() // k > MAX_ROWS
+
+
+def _bias(module):
+    return None if module.bias is None else module.bias.detach().float().contiguous()
+
+
+# ------------------------------------------------------------------------------- INT, PoT
+
+def _prep_int(module):
+    codes, scales, zeros = intfmt.IntFormat().unpack(module.packed(), module.spec, module.shape)
+    del codes
+    return {"qweight": module.qweight.contiguous(), "scales": scales.contiguous(),
+            "szs": (scales * zeros).contiguous(), "bias": _bias(module)}
+
+
+def _prep_pot(module):
+    # float32 scales; their bit patterns receive the exponent add
+    return {"qweight": module.qweight.contiguous(), "scales": module.scales.float().contiguous(), "bias": _bias(module)}
+
+
+def int_linear(x: torch.Tensor, module) -> torch.Tensor:
+    if module.act.enabled or _too_many_rows(x, module.in_features):
+        return reference.linear(x, module)
+    d = _cached(module, _prep_int)
+    n, k = module.shape
+    g, ng = _group(module.spec, k)
+    xf = _flat(x, k)
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    _lib.anybit_int_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
+                         _ptr(d["scales"]), _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y), _threads())
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def pot_linear(x: torch.Tensor, module) -> torch.Tensor:
+    if _too_many_rows(x, module.in_features):
+        return reference.linear(x, module)
+    d = _cached(module, _prep_pot)
+    n, k = module.shape
+    g, ng = _group(module.spec, k)
+    xf = _flat(x, k)
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    _lib.anybit_pot_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
+                         _ptr(d["scales"]), _ptr(d["bias"]), _ptr(y), _threads())
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def dequantize(module, scratch_only: bool = False) -> torch.Tensor | float:
+    """The dequantize-only kernel (INT: ``(q − z)·s``; PoT: exponent add) of a QuantLinear:
+    the float32 weight, or with ``scratch_only`` a checksum of rows dequantized into cache."""
+    fmt = module.spec.format
+    if fmt not in ("int", "pot"):
+        raise ValueError(f"no dequantize kernel for format {fmt}")
+    d = _cached(module, _prep_int if fmt == "int" else _prep_pot)
+    n, k = module.shape
+    g, ng = _group(module.spec, k)
+    out = None if scratch_only else torch.empty(n, k, dtype=torch.float32)
+    chk = c_float(0.0)
+    _lib.anybit_dequant(0 if fmt == "int" else 1, _ptr(d["qweight"]), d["qweight"].shape[1], n, k, module.spec.bits, g,
+                        ng, _ptr(d["scales"]), _ptr(d.get("szs")), _ptr(out), int(scratch_only), _threads(),
+                        ctypes.byref(chk))
+    return chk.value if scratch_only else out
+
+
+# ------------------------------------------------------------------------------------ BCQ
+
+def _pad_rows(t: torch.Tensor, npad: int, dim: int) -> torch.Tensor:
+    pad = npad - t.shape[dim]
+    if pad == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim)
+
+
+def _prep_bcq(module):
+    n, k = module.shape
+    q = module.spec.bits
+    npad = -(-n // 16) * 16
+    planes = module.planes  # [q, N, ceil(K/8)] bytes
+    planes_t = _pad_rows(planes.transpose(1, 2), npad, 2).contiguous()  # [q, chunks, Npad]
+    alpha = module.alpha.float()  # [N, G, q]
+    alpha_t = _pad_rows(alpha.permute(1, 2, 0), npad, 2).contiguous()  # [G, q, Npad]
+    offset_t = _pad_rows(module.offset.float().t(), npad, 1).contiguous()  # [G, Npad]
+    return {"planes": planes_t, "alpha": alpha_t, "offset": offset_t, "npad": npad, "bias": _bias(module)}
+
+
+def bcq_supported(module) -> bool:
+    g = module.spec.group_size
+    return not module.act.enabled and (g == -1 or g % 8 == 0)
+
+
+def bcq_linear(x: torch.Tensor, module) -> torch.Tensor:
+    if not bcq_supported(module) or _too_many_rows(x, module.in_features):
+        return reference.linear(x, module)
+    d = _cached(module, _prep_bcq)
+    n, k = module.shape
+    g, ng = _group(module.spec, k)
+    xf = _flat(x, k)
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    _lib.anybit_bcq_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["planes"]), d["npad"], n, module.spec.bits, g, ng,
+                         _ptr(d["alpha"]), _ptr(d["offset"]), _ptr(d["bias"]), _ptr(y), _threads())
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------- bit-plane
+
+def _prep_bitplane(module):
+    spec = module.spec
+    n, k = module.shape
+    g, ng = _group(spec, k)
+    planes = module.planes  # [b, N, G, 8W] bytes
+    w = planes.shape[-1] // 8
+    npad = -(-n // 8) * 8
+    words = planes.contiguous().view(torch.int64).reshape(spec.bits, n, ng, w)
+    wplanes = _pad_rows(words.permute(2, 0, 3, 1), npad, 3).contiguous()  # [G, b, W, Npad]
+    codes, scales, zeros = get_format("bitplane").unpack(module.packed(), spec, module.shape)
+    if spec.sym:  # signed values (unpack gives the INT format's offset-binary codes)
+        vals = codes.to(torch.int64) - (1 << (spec.bits - 1))
+        zw = None
+    else:
+        vals = codes.to(torch.int64)
+        zw = zeros.contiguous()
+    padded = torch.nn.functional.pad(vals, (0, ng * g - k)).reshape(n, ng, g)
+    return {"wplanes": wplanes, "npad": npad, "W": w, "sw": scales.contiguous(), "zw": zw,
+            "wsum": padded.sum(-1).contiguous(), "bias": _bias(module)}
+
+
+def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
+    act = module.act
+    spec = module.spec
+    n, k = module.shape
+    g, ng = _group(spec, k)
+    if not act.enabled or act.group_size not in (-1, g) or _too_many_rows(x, k):
+        return reference.linear(x, module)
+    d = _cached(module, _prep_bitplane)
+    agroup = -1 if act.group_size == -1 else g
+    xf = _flat(x, k)
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    _lib.anybit_bitplane_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["wplanes"]), d["npad"], n, spec.bits, int(spec.sym), g, ng,
+                              d["W"], _ptr(d["sw"]), _ptr(d["zw"]), _ptr(d["wsum"]), act.bits, int(not act.sym), agroup,
+                              _ptr(d["bias"]), _ptr(y), _threads())
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+KERNELS = {"int": int_linear, "pot": pot_linear, "bcq": bcq_linear, "bitplane": bitplane_linear}

@@ -1,0 +1,119 @@
+// anybit's native CPU kernels: one C ABI (loaded with ctypes, so that no build ties it to a
+// torch version), three instruction sets chosen at run time (AVX-512, AVX2, portable C++).
+// The kernels themselves are in kernels_impl.inc, compiled once per instruction set.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace isa_scalar {
+#define ANYBIT_ISA 0
+#include "kernels_impl.inc"
+#undef ANYBIT_ISA
+}  // namespace isa_scalar
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace isa_avx2 {
+#define ANYBIT_ISA 1
+#include "kernels_impl.inc"
+#undef ANYBIT_ISA
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vpopcntdq,avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace isa_avx512 {
+#define ANYBIT_ISA 2
+#include "kernels_impl.inc"
+#undef ANYBIT_ISA
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+static int g_isa = -1;
+
+extern "C" {
+
+// 2: AVX-512 (F, BW, VL, DQ, VBMI, VPOPCNTDQ); 1: AVX2 + FMA; 0: portable
+int anybit_cpu_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
+        __builtin_cpu_supports("avx512vpopcntdq"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+        __builtin_cpu_supports("popcnt"))
+        return 1;
+    return 0;
+}
+
+// set the instruction set (capped at what the CPU has); returns the one in use
+int anybit_set_isa(int isa) {
+    int best = anybit_cpu_isa();
+    g_isa = std::max(0, std::min(isa, best));
+    return g_isa;
+}
+
+int anybit_get_isa(void) {
+    if (g_isa < 0) g_isa = anybit_cpu_isa();
+    return g_isa;
+}
+
+#define DISPATCH(call)                                   \
+    switch (anybit_get_isa()) {                          \
+        case 2: isa_avx512::call; break;                 \
+        case 1: isa_avx2::call; break;                   \
+        default: isa_scalar::call; break;                \
+    }
+
+void anybit_int_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qweight, int64_t row_bytes, int64_t N,
+                     int bits, int64_t gsize, int64_t G, const float* scales, const float* szs, const float* bias,
+                     float* y, int nthreads) {
+    DISPATCH(weight_only_gemm<0>(x, M, K, qweight, row_bytes, N, bits, gsize, G, scales, szs, bias, y, nthreads))
+}
+
+void anybit_pot_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qweight, int64_t row_bytes, int64_t N,
+                     int bits, int64_t gsize, int64_t G, const float* scales, const float* bias, float* y,
+                     int nthreads) {
+    DISPATCH(weight_only_gemm<1>(x, M, K, qweight, row_bytes, N, bits, gsize, G, scales, nullptr, bias, y, nthreads))
+}
+
+void anybit_dequant(int kind, const uint8_t* qweight, int64_t row_bytes, int64_t N, int64_t K, int bits,
+                    int64_t gsize, int64_t G, const float* scales, const float* szs, float* out, int scratch_only,
+                    int nthreads, float* checksum) {
+    if (kind == 0) {
+        DISPATCH(dequant_rows<0>(qweight, row_bytes, N, K, bits, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
+    } else {
+        DISPATCH(dequant_rows<1>(qweight, row_bytes, N, K, bits, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
+    }
+}
+
+void anybit_bcq_gemm(const float* x, int64_t M, int64_t K, const uint8_t* planesT, int64_t Npad, int64_t N, int q,
+                     int64_t gsize, int64_t G, const float* alphaT, const float* offsetT, const float* bias, float* y,
+                     int nthreads) {
+    DISPATCH(bcq_gemm(x, M, K, planesT, Npad, N, q, gsize, G, alphaT, offsetT, bias, y, nthreads))
+}
+
+void anybit_bitplane_gemm(const float* x, int64_t M, int64_t K, const uint64_t* wplanes, int64_t Npad, int64_t N,
+                          int wbits, int wsigned, int64_t gsize, int64_t G, int64_t W, const float* sw,
+                          const float* zw, const int64_t* wsum, int abits, int asym, int64_t agroup,
+                          const float* bias, float* y, int nthreads) {
+    DISPATCH(bitplane_gemm(x, M, K, wplanes, Npad, N, wbits, wsigned, gsize, G, W, sw, zw, wsum, abits, asym, agroup,
+                           bias, y, nthreads))
+}
+
+}  // extern "C"
+
+// A valid (empty) Python module too, so that the build system and importlib can find it;
+// the functions above are reached through ctypes.
+static struct PyModuleDef anybit_native_module = {PyModuleDef_HEAD_INIT, "_native",
+                                                  "anybit native kernels (C ABI, used through ctypes)", -1,
+                                                  nullptr};
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&anybit_native_module); }
