@@ -113,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
 
+    b = sub.add_parser("bench", help="speed: kernels against F.linear, or a model end to end")
+    bsub = b.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    bk = bsub.add_parser("kernels", help="every format and bit width on SmolLM2-135M and Llama-2-7B linear shapes")
+    bk.add_argument("--shapes", default="all", choices=["smollm2", "llama7b", "all"])
+    bk.add_argument("--batches", default="1,16", help="comma-separated activation rows (default 1,16)")
+    bk.add_argument("--group-size", type=int, default=128)
+    bk.add_argument("--json", action="store_true", help="print one JSON list, one object per case")
+    _add_common(bk)
+    be = bsub.add_parser("e2e", help="prefill and decode tokens/s and memory against the unquantized model")
+    be.add_argument("model", help="quantized folder (or any model) to measure")
+    be.add_argument("--baseline", default=None,
+                    help="unquantized model to compare with (default: the source recorded in the quantized folder)")
+    be.add_argument("--prompt-tokens", type=int, default=128)
+    be.add_argument("--new-tokens", type=int, default=64)
+    be.add_argument("--reps", type=int, default=3)
+    be.add_argument("--json", action="store_true")
+    be.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process: measure MODEL only
+    _add_common(be)
+
     i = sub.add_parser("inspect", help="method, scheme, bits per weight per layer, size on disk")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
@@ -286,6 +305,7 @@ def cmd_quantize(args) -> int:
         after = perplexity(lm.model, windows, dataset=eval_text.name, progress=progress)
         report["after"] = after.to_dict()
         _log(f"anybit: after:  {after.summary()}")
+    lm.model.anybit_info["source"] = lm.source
     if args.out:
         out = save(lm.model, lm.tokenizer, args.out, overwrite=args.overwrite)
         report["out"] = str(out)
@@ -348,6 +368,86 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    if args.what == "kernels":
+        shapes = {"smollm2": bench.SMOLLM2_SHAPES, "llama7b": bench.LLAMA7B_SHAPES,
+                  "all": bench.SMOLLM2_SHAPES + bench.LLAMA7B_SHAPES}[args.shapes]
+        try:
+            batches = tuple(int(v) for v in args.batches.split(","))
+        except ValueError:
+            raise AnybitError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+        if not batches or min(batches) < 1:
+            raise AnybitError("--batches must be positive")
+
+        def show(case):
+            if not args.json:
+                shape = "x".join(map(str, case["shape"]))
+                print(f"{case['format']:9s} {case['op']:20s} W{case['bits']}A{case['abits']:<3d} {shape:>11s} "
+                      f"b{case['batch']:<3d} {case['median_s'] * 1e3:9.3f} ms {case['gb_per_s']:7.2f} GB/s "
+                      f"x{case['ratio_vs_fp32']:6.2f} fp32  x{case['ratio_vs_bf16']:6.2f} bf16", flush=True)
+
+        info = bench.machine()
+        bw = bench.memory_bandwidth()
+        if not args.json:
+            print(f"# {info['cpu']}, {info['threads']} threads, ISA {info['isa']}, torch {info['torch']}, {info['date']}; "
+                  f"copy bandwidth {bw:.1f} GB/s", flush=True)
+        cases = bench.bench_kernels(shapes, batches, args.group_size, progress=show)
+        if args.json:
+            print(json.dumps([{**c, "machine": info, "copy_gb_per_s": bw} for c in cases]))
+        return 0
+    return _bench_e2e(args)
+
+
+def _bench_e2e(args) -> int:
+    import subprocess
+
+    from . import bench
+    from .models import load_model
+
+    if args.prompt_tokens < 1 or args.new_tokens < 1 or args.reps < 1:
+        raise AnybitError("--prompt-tokens, --new-tokens and --reps must be positive")
+    if args.one:  # measure one model in this process
+        lm = load_model(args.model)
+        res = bench.bench_decode(lm.model, lm.tokenizer, args.prompt_tokens, args.new_tokens, args.reps)
+        print(json.dumps({"model": lm.source, "source": getattr(lm.model, "anybit_info", {}).get("source"), **res}))
+        return 0
+    baseline = args.baseline
+    if baseline is None:
+        qc_path = Path(args.model) / "config.json"
+        if qc_path.is_file():
+            baseline = (json.loads(qc_path.read_text()).get("quantization_config") or {}).get("source")
+        if baseline is None:
+            raise AnybitError(f"{args.model} records no source model; give --baseline MODEL")
+    rows = []
+    for model in (baseline, args.model):  # each in its own process, so that memory is its own
+        cmd = [sys.executable, "-m", "anybit.cli", "bench", "e2e", str(model), "--one", "--json",
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps)]
+        for flag in ("data_dir", "kernel", "threads"):
+            if getattr(args, flag, None):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+            raise AnybitError(f"benchmarking {model} failed: {last}")
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    base, quant = rows
+    report = {"machine": bench.machine(), "baseline": base, "model": quant,
+              "prefill_speedup": quant["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+              "decode_speedup": quant["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+              "weights_ratio": quant["weights_mib"] / base["weights_mib"]}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for name, r in (("baseline", base), ("model", quant)):
+            print(f"{name:8s} {r['model']}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
+                  f"{r['decode_tokens_per_s']:.1f} tok/s, weights {r['weights_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(f"speed-up: prefill x{report['prefill_speedup']:.2f}, decode x{report['decode_speedup']:.2f}; "
+              f"weights x{report['weights_ratio']:.3f}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .io.gptq_layout import export_gptq
 
@@ -356,7 +456,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
+COMMANDS = {"bench": cmd_bench, "export": cmd_export, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

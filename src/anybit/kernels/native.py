@@ -147,9 +147,17 @@ def _prep_pot(module):
     return {"qweight": module.qweight.contiguous(), "scales": module.scales.float().contiguous(), "bias": _bias(module)}
 
 
+def _dequantized_linear(x: torch.Tensor, module) -> torch.Tensor:
+    """Many rows: the native dequantize kernel into a temporary float weight, then BLAS
+    (no float copy of the weight stays in memory, unlike the reference backend's cache)."""
+    return torch.nn.functional.linear(x, dequantize(module).to(x.dtype), module.bias)
+
+
 def int_linear(x: torch.Tensor, module) -> torch.Tensor:
-    if module.act.enabled or _too_many_rows(x, module.in_features):
+    if module.act.enabled:
         return reference.linear(x, module)
+    if _too_many_rows(x, module.in_features):
+        return _dequantized_linear(x, module)
     d = _cached(module, _prep_int)
     n, k = module.shape
     g, ng = _group(module.spec, k)
@@ -162,7 +170,7 @@ def int_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 def pot_linear(x: torch.Tensor, module) -> torch.Tensor:
     if _too_many_rows(x, module.in_features):
-        return reference.linear(x, module)
+        return _dequantized_linear(x, module)
     d = _cached(module, _prep_pot)
     n, k = module.shape
     g, ng = _group(module.spec, k)
