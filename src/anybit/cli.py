@@ -132,6 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process: measure MODEL only
     _add_common(be)
 
+    c = sub.add_parser("compare", help="run a grid of methods x schemes, one process per cell; write the report")
+    c.add_argument("model", nargs="?", default=None, help="model (default smollm2-135m)")
+    c.add_argument("--methods", default="rtn,gptq,gptqt,potptq,smoothquant,abq,flexq",
+                   help="comma-separated; options with ':' (potptq:steps=init)")
+    c.add_argument("--schemes", default="W4A16G128,W3A16G128,W2A16G64,W6A6,W4A8,W2A8")
+    c.add_argument("--calib", default="c4")
+    c.add_argument("--nsamples", type=int, default=32)
+    c.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--eval", default="wikitext2", help="comma-separated names or paths")
+    c.add_argument("--eval-seqlen", type=int, default=2048)
+    c.add_argument("--max-windows", type=int, default=None)
+    c.add_argument("--kl-windows", type=int, default=4, help="windows of the first dataset for KL vs FP (0: none)")
+    c.add_argument("--out", default=None, help="results folder (default compare-MODEL)")
+    c.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+    c.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    c.add_argument("--title", default=None)
+    c.add_argument("--paper", default=None, help="JSON file: {\"method|scheme\": paper ppl} for a column")
+    _add_common(c)
+    r = sub.add_parser("report", help="remake report.md and pareto.png of a compare folder from results.jsonl")
+    r.add_argument("path")
+    r.add_argument("--title", default=None)
+    r.add_argument("--paper", default=None)
+
     i = sub.add_parser("inspect", help="method, scheme, bits per weight per layer, size on disk")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
@@ -448,6 +472,52 @@ def _bench_e2e(args) -> int:
     return 0
 
 
+def _paper(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AnybitError(f"cannot read --paper {path} ({e.__class__.__name__}); give a JSON object") from None
+
+
+def cmd_compare(args) -> int:
+    from .compare import GridSettings, grid, make_report, run_grid
+    from .models import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if not methods or not schemes:
+        raise AnybitError("--methods and --schemes must each name at least one entry")
+    for n, v in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen), ("--eval-seqlen", args.eval_seqlen)):
+        if v < 1:
+            raise AnybitError(f"{n} must be positive, got {v}")
+    cells = grid(methods, schemes)
+    for cell in cells:
+        cell.config()  # malformed schemes and options fail here, before anything runs
+    paper = _paper(args.paper)
+    settings = GridSettings(model=model, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                            evals=tuple(e.strip() for e in args.eval.split(",") if e.strip()),
+                            eval_seqlen=args.eval_seqlen, max_windows=args.max_windows, kl_windows=args.kl_windows,
+                            data_dir=os.environ.get("ANYBIT_DATA"))
+    out = Path(args.out or f"compare-{Path(model).name}")
+    run_grid(settings, cells, out, retry_failed=args.retry_failed, timeout=args.timeout, log=_log)
+    report = make_report(out, args.title, paper)
+    _log(f"anybit: wrote {report}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .compare import make_report
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise AnybitError(f"{path} is not a folder; give the --out folder of anybit compare")
+    print(f"anybit: wrote {make_report(path, args.title, _paper(args.paper))}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .io.gptq_layout import export_gptq
 
@@ -456,7 +526,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "export": cmd_export, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
+COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "report": cmd_report, "export": cmd_export, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

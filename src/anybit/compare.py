@@ -1,0 +1,334 @@
+"""``anybit compare``: a grid of (method, scheme) cells on one model, each run in its own
+process (a crash or out-of-memory in one cell is recorded and the grid goes on), results
+appended to ``results.jsonl`` as each cell ends, finished cells skipped on a re-run;
+``anybit report`` turns ``results.jsonl`` alone into ``report.md`` and ``pareto.png``.
+
+A method may carry options: ``potptq:steps=init`` or ``abq:let=false:epochs=5``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import QuantConfig, parse_scheme
+from .errors import AnybitError
+
+RESULTS = "results.jsonl"
+
+
+@dataclass
+class GridSettings:
+    model: str
+    calib: str = "c4"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    evals: tuple[str, ...] = ("wikitext2",)
+    eval_seqlen: int = 2048
+    max_windows: int | None = None
+    kl_windows: int = 4  # windows of the first dataset on which KL to the float model is measured
+    data_dir: str | None = None
+
+
+@dataclass
+class Cell:
+    method: str  # with options, e.g. "potptq:steps=init"
+    scheme: str  # "FP" for the float model
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}|{self.scheme}"
+
+    def config(self) -> QuantConfig | None:
+        if self.method == "fp":
+            return None
+        name, *opts = self.method.split(":")
+        options = {}
+        for o in opts:
+            if "=" not in o:
+                raise AnybitError(f"method option {o!r} in {self.method!r} must look like key=value")
+            k, v = o.split("=", 1)
+            try:
+                options[k] = json.loads(v)
+            except json.JSONDecodeError:
+                options[k] = v
+        sch = parse_scheme(self.scheme)
+        return QuantConfig(method=name, wbits=sch.wbits, abits=sch.abits,
+                           group_size=sch.group_size if sch.group_size is not None else 128,
+                           bit_balance=sch.bit_balance, options=options)
+
+
+def grid(methods: list[str], schemes: list[str]) -> list[Cell]:
+    cells = [Cell("fp", "FP")]
+    cells += [Cell(m, s) for m in methods for s in schemes if m != "fp"]
+    return cells
+
+
+def check_cell(cell: Cell) -> str | None:
+    """Why ``cell`` cannot run (None if it can)."""
+    from .methods import get_method
+
+    cfg = cell.config()
+    if cfg is None:
+        return None
+    try:
+        method = get_method(cfg.method)
+        cfg = method.prepare(cfg)
+        cfg.validate()
+        method.validate(cfg)
+    except AnybitError as e:
+        return str(e)
+    return None
+
+
+def read_results(out: Path) -> list[dict]:
+    path = out / RESULTS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash of the runner itself
+    return rows
+
+
+def _append(out: Path, row: dict) -> None:
+    with open(out / RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_grid(settings: GridSettings, cells: list[Cell], out: Path, retry_failed: bool = False,
+             timeout: float | None = None, log=print) -> list[dict]:
+    """Run every cell not already in ``out/results.jsonl``; returns all rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = {r["key"]: r for r in read_results(out)}
+    todo = [c for c in cells if c.key not in done or (retry_failed and done[c.key]["status"] == "failed")]
+    log(f"anybit compare: {len(cells)} cells, {len(cells) - len(todo)} already in {out / RESULTS}, {len(todo)} to run")
+    spent: list[float] = []
+    for i, cell in enumerate(todo):
+        reason = check_cell(cell)
+        base = {"key": cell.key, "method": cell.method, "scheme": cell.scheme, "model": settings.model}
+        if reason is not None:
+            _append(out, {**base, "status": "skipped", "reason": reason})
+            log(f"[{i + 1}/{len(todo)}] {cell.key}: skipped ({reason})")
+            continue
+        eta = ""
+        if spent:
+            eta = f", ETA {sum(spent) / len(spent) * (len(todo) - i) / 60:.0f} min for the rest"
+        log(f"[{i + 1}/{len(todo)}] {cell.key}: running{eta}")
+        t0 = time.perf_counter()
+        row = _run_cell_subprocess(settings, cell, timeout)
+        spent.append(time.perf_counter() - t0)
+        _append(out, {**base, **row})
+        msg = (f"ppl {', '.join(f'{k} {v:.3f}' for k, v in row['ppl'].items())}" if row["status"] == "ok"
+               else row.get("reason", ""))
+        log(f"[{i + 1}/{len(todo)}] {cell.key}: {row['status']} in {spent[-1]:.0f} s; {msg}")
+    return read_results(out)
+
+
+def _run_cell_subprocess(settings: GridSettings, cell: Cell, timeout: float | None) -> dict:
+    payload = json.dumps({"settings": asdict(settings), "cell": asdict(cell)})
+    env = dict(os.environ)
+    if settings.data_dir:
+        env["ANYBIT_DATA"] = settings.data_dir
+    env["ANYBIT_QUIET"] = "1"
+    try:
+        p = subprocess.run([sys.executable, "-m", "anybit.compare", payload], capture_output=True, text=True,
+                           timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
+    last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+    if p.returncode == 0 and last.startswith("{"):
+        return json.loads(last)
+    if p.returncode < 0:
+        sig = -p.returncode
+        why = "killed (out of memory?)" if sig == 9 else f"killed by signal {sig}"
+    else:
+        lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit code {p.returncode}"
+    return {"status": "failed", "reason": why[-500:]}
+
+
+def run_cell(settings: GridSettings, cell: Cell) -> dict:
+    """One cell, in this process: quantize (timed, peak memory), save (size on disk),
+    evaluate every dataset, KL against the float model."""
+    import shutil
+    import tempfile
+
+    from . import quantize, save
+    from .data import calibration_windows, eval_windows, load_text
+    from .eval import perplexity
+    from .io import inspect
+    from .methods import get_method
+    from .models import load_model
+    from .progress import measure
+
+    lm = load_model(settings.model)
+    cfg = cell.config()
+    row: dict = {"status": "ok"}
+    if cfg is not None:
+        calib = None
+        if get_method(cfg.method).needs_calibration:
+            ctext = load_text(settings.calib, "train")
+            calib = calibration_windows(lm.tokenizer, ctext, settings.nsamples, settings.seqlen, settings.seed)
+            row["calibration"] = f"{ctext.description}, {settings.nsamples} x {settings.seqlen}, seed {settings.seed}"
+        with measure() as m:
+            quantize(lm.model, cfg, calib, progress=False)
+        row.update(quantize_s=round(m.seconds, 2), peak_rss_mib=round(m.peak_rss_mib))
+        tmp = Path(tempfile.mkdtemp(prefix="anybit-cell-"))
+        try:
+            save(lm.model, lm.tokenizer, tmp / "q")
+            info = inspect(tmp / "q")
+            row.update(bits_per_weight=info["bits_per_weight"], size_mib=round(info["size_on_disk_bytes"] / 2**20, 2))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        row.update(bits_per_weight=32.0, quantize_s=0.0)
+    row["ppl"], row["eval"] = {}, {}
+    for i, name in enumerate(settings.evals):
+        text = load_text(name, "test")
+        windows = eval_windows(lm.tokenizer, text, settings.eval_seqlen, settings.max_windows)
+        ref = None
+        if i == 0 and cfg is not None and settings.kl_windows > 0:
+            ref = load_model(settings.model).model
+            kl_res = perplexity(lm.model, windows[: settings.kl_windows], dataset=text.name, reference=ref,
+                                progress=False)
+            row["kl"] = kl_res.kl
+            row["kl_tokens"] = kl_res.tokens
+            del ref
+        res = perplexity(lm.model, windows, dataset=text.name, progress=False)
+        row["ppl"][text.name] = res.ppl
+        row["eval"][text.name] = {"seqlen": res.seqlen, "windows": res.windows, "tokens": res.tokens}
+    return row
+
+
+# ------------------------------------------------------------------------------- report
+
+PAPER_NOTE = ("Paper numbers (SPEC §3) are LLaMA-7B class models; ours are the model named above: "
+              "compare orderings, not values.")
+
+
+def _fmt(v, nd=3):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def make_report(out: Path, title: str | None = None, paper: dict | None = None) -> Path:
+    """``report.md`` (and ``pareto.png`` when matplotlib is installed) from ``results.jsonl``."""
+    rows = read_results(out)
+    if not rows:
+        raise AnybitError(f"{out / RESULTS} has no results; run anybit compare first")
+    latest: dict[str, dict] = {}
+    for r in rows:
+        latest[r["key"]] = r  # a re-run cell replaces the earlier row
+    rows = list(latest.values())
+    datasets: list[str] = []
+    for r in rows:
+        for d in r.get("ppl", {}):
+            if d not in datasets:
+                datasets.append(d)
+    model = rows[0].get("model", "")
+    lines = [f"# {title or 'anybit compare: ' + model}", ""]
+    evals = {d: next((r["eval"][d] for r in rows if d in r.get("eval", {})), {}) for d in datasets}
+    calib = next((r["calibration"] for r in rows if r.get("calibration")), None)
+    lines.append(f"Model: `{model}`. Calibration: {calib or '–'}. Evaluation: "
+                 + "; ".join(f"{d} seqlen {e.get('seqlen')}, {e.get('windows')} windows, {e.get('tokens')} tokens"
+                             for d, e in evals.items()) + ".")
+    kl_tokens = next((r["kl_tokens"] for r in rows if r.get("kl_tokens")), None)
+    if kl_tokens:
+        lines.append(f"KL: mean per-token KL(FP ‖ quantized) on the first {kl_tokens} tokens of {datasets[0]}.")
+    lines.append("")
+    head = ["method", "scheme", "bits/weight", *[f"ppl {d}" for d in datasets], "KL vs FP", "quantize (s)",
+            "peak RSS (MiB)", "size (MiB)"]
+    if paper:
+        head.append("paper (LLaMA-7B)")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {k: i for i, k in enumerate(latest)}
+    for r in sorted(rows, key=lambda r: (r["method"] != "fp", order[r["key"]])):
+        if r["status"] == "ok":
+            cells = [r["method"], r["scheme"], _fmt(r.get("bits_per_weight")),
+                     *[_fmt(r["ppl"].get(d)) for d in datasets], _fmt(r.get("kl"), 4), _fmt(r.get("quantize_s"), 1),
+                     _fmt(r.get("peak_rss_mib"), 0), _fmt(r.get("size_mib"), 1)]
+        else:
+            cells = [r["method"], r["scheme"], f"{r['status']}: {r.get('reason', '')}".replace("|", "/")]
+            cells += [""] * (len(head) - len(cells) - (1 if paper else 0))
+        if paper:
+            cells.append(_fmt(paper.get(r["key"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    if paper:
+        lines += ["", PAPER_NOTE]
+    plot = _pareto(out, rows, datasets[0] if datasets else None)
+    lines += ["", f"![perplexity against bits per weight]({plot.name})" if plot else
+              "(pareto.png not drawn: install matplotlib, e.g. `pip install anybit[plot]`)"]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _pareto(out: Path, rows: list[dict], dataset: str | None) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if dataset is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fp = next((r for r in rows if r["method"] == "fp" and r["status"] == "ok"), None)
+    if fp is not None:
+        ax.axhline(fp["ppl"][dataset], color="black", linestyle="--", linewidth=1, label=f"FP ({fp['ppl'][dataset]:.2f})")
+    markers = "osD^v<>phX*P"
+    methods = sorted({r["method"] for r in rows if r["method"] != "fp" and r["status"] == "ok"})
+    for i, m in enumerate(methods):
+        pts = sorted((r["bits_per_weight"], r["ppl"][dataset]) for r in rows
+                     if r["method"] == m and r["status"] == "ok" and dataset in r["ppl"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], linestyle="", label=m)
+    ax.set_xlabel("bits per weight (codes + scales + zeros)")
+    ax.set_ylabel(f"perplexity ({dataset}, log scale)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "pareto.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _main(argv: list[str]) -> int:
+    """Child process entry: one cell, one JSON line on stdout."""
+    payload = json.loads(argv[0])
+    settings = GridSettings(**{**payload["settings"], "evals": tuple(payload["settings"]["evals"])})
+    cell = Cell(**payload["cell"])
+    if os.environ.get("ANYBIT_TEST_FAIL_CELL") == cell.key:  # test hook: a cell that crashes
+        os.kill(os.getpid(), 9)
+    try:
+        row = run_cell(settings, cell)
+    except AnybitError as e:
+        print(f"anybit: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
