@@ -64,7 +64,9 @@ def test_int(isa, bits, group, sym):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [32, 128, -1, 24])
-def test_pot(isa, bits, group):
+@pytest.mark.parametrize("table", [True, False])
+def test_pot(isa, bits, group, table, monkeypatch):
+    monkeypatch.setattr(native, "POT_TABLE", table)
     for n, k, m in SHAPES:
         # a short scale grid: the kernel, not the scale search, is under test
         check(QuantLinear.from_linear(linear(n, k), FormatSpec("pot", bits, group), grid=(0.5, 0.8, 1.0)), m, k)
@@ -96,6 +98,7 @@ def test_pot_dequantize_kernel_is_bit_exact_and_int_matches():
             w = native.dequantize(q)
             if fmt == "pot":
                 assert torch.equal(w, q.dequantize_weight())
+                assert torch.equal(native.dequantize(q, pot_table=False), w)
             else:
                 assert torch.allclose(w, q.dequantize_weight(), rtol=1e-6, atol=1e-7)
             assert isinstance(native.dequantize(q, scratch_only=True), float)

@@ -52,7 +52,7 @@ def _load():
         lib.anybit_set_isa.argtypes = [c_int]
         lib.anybit_get_isa.restype = c_int
         lib.anybit_int_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, p, c_int]
-        lib.anybit_pot_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, c_int]
+        lib.anybit_pot_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int]
         lib.anybit_dequant.argtypes = [c_int, p, i64, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int, p]
         lib.anybit_bcq_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, p, c_int]
         lib.anybit_bitplane_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, i64, p, p, p, c_int,
@@ -119,14 +119,20 @@ def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # Above this many activation rows (prefill, evaluation, calibration), a GEMM is compute-bound
-# and the reference path (weight dequantized once and cached, then BLAS) is faster; the
-# native kernels serve decoding and small batches, where reading the packed weight is the
-# cost. ANYBIT_NATIVE_MAX_ROWS overrides it.
-MAX_ROWS = int(os.environ.get("ANYBIT_NATIVE_MAX_ROWS", "64"))
+# and a dequantized weight with BLAS is faster; the native kernels serve decoding and small
+# batches, where reading the packed weight is the cost. The bit-plane GEMM's work grows with
+# every row (one AND+popcount pass per row), so it hands over earlier. ANYBIT_NATIVE_MAX_ROWS
+# overrides both (``anybit bench kernels`` raises them to time the kernels themselves).
+MAX_ROWS = int(os.environ.get("ANYBIT_NATIVE_MAX_ROWS", "16"))
+MAX_ROWS_BITPLANE = int(os.environ.get("ANYBIT_NATIVE_MAX_ROWS", "8"))
+
+# PoT: the exponent add once per group into a 16-entry table held in a register, one permute
+# per weight (AVX-512); False: the exponent add on every weight. ANYBIT_POT_TABLE=0 turns it off.
+POT_TABLE = os.environ.get("ANYBIT_POT_TABLE", "1") != "0"
 
 
-def _too_many_rows(x: torch.Tensor, k: int) -> bool:
-    return x.numel() // k > MAX_ROWS
+def _too_many_rows(x: torch.Tensor, k: int, limit: int | None = None) -> bool:
+    return x.numel() // k > (MAX_ROWS if limit is None else limit)
 
 
 def _bias(module):
@@ -177,14 +183,16 @@ def pot_linear(x: torch.Tensor, module) -> torch.Tensor:
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     _lib.anybit_pot_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
-                         _ptr(d["scales"]), _ptr(d["bias"]), _ptr(y), _threads())
+                         _ptr(d["scales"]), _ptr(d["bias"]), _ptr(y), _threads(), int(POT_TABLE))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
-def dequantize(module, scratch_only: bool = False) -> torch.Tensor | float:
-    """The dequantize-only kernel (INT: ``(q − z)·s``; PoT: exponent add) of a QuantLinear:
-    the float32 weight, or with ``scratch_only`` a checksum of rows dequantized into cache."""
+def dequantize(module, scratch_only: bool = False, pot_table: bool | None = None) -> torch.Tensor | float:
+    """The dequantize-only kernel of a QuantLinear (INT: ``(q − z)·s``; PoT: the exponent add,
+    per weight or, with ``pot_table``, once per group into a 16-entry register table): the
+    float32 weight, or with ``scratch_only`` a checksum of rows dequantized into cache."""
     fmt = module.spec.format
+    table = POT_TABLE if pot_table is None else pot_table
     if fmt not in ("int", "pot"):
         raise ValueError(f"no dequantize kernel for format {fmt}")
     d = _cached(module, _prep_int if fmt == "int" else _prep_pot)
@@ -192,7 +200,7 @@ def dequantize(module, scratch_only: bool = False) -> torch.Tensor | float:
     g, ng = _group(module.spec, k)
     out = None if scratch_only else torch.empty(n, k, dtype=torch.float32)
     chk = c_float(0.0)
-    _lib.anybit_dequant(0 if fmt == "int" else 1, _ptr(d["qweight"]), d["qweight"].shape[1], n, k, module.spec.bits, g,
+    _lib.anybit_dequant(0 if fmt == "int" else 2 if table else 1, _ptr(d["qweight"]), d["qweight"].shape[1], n, k, module.spec.bits, g,
                         ng, _ptr(d["scales"]), _ptr(d.get("szs")), _ptr(out), int(scratch_only), _threads(),
                         ctypes.byref(chk))
     return chk.value if scratch_only else out
@@ -267,7 +275,7 @@ def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
     spec = module.spec
     n, k = module.shape
     g, ng = _group(spec, k)
-    if not act.enabled or act.group_size not in (-1, g) or _too_many_rows(x, k):
+    if not act.enabled or act.group_size not in (-1, g) or _too_many_rows(x, k, MAX_ROWS_BITPLANE):
         return reference.linear(x, module)
     d = _cached(module, _prep_bitplane)
     agroup = -1 if act.group_size == -1 else g
