@@ -146,13 +146,17 @@ def bench_kernels(shapes=SMOLLM2_SHAPES + LLAMA7B_SHAPES, batches=(1, 16), group
                     progress(out[-1])
         if dequant and native.available():
             fp32_copy = median_time(lambda: w32.clone())
-            for fmt in ("int", "pot"):
+            # INT: (q − z)·s per weight. PoT: the exponent add per weight ("-add"), or once per
+            # group into a register table ("-table", what the GEMV uses). "in-cache": rows
+            # dequantized into an L1-resident scratch row (the arithmetic); else into memory.
+            for fmt, table in (("int", None), ("pot", False), ("pot", True)):
                 for bits in (2, 3, 4):
                     q = random_module(fmt, bits, shape, group, False, ActSpec(), gen)
                     for scratch in (False, True):
-                        t = median_time(lambda: native.dequantize(q, scratch_only=scratch))
+                        t = median_time(lambda: native.dequantize(q, scratch_only=scratch, pot_table=table))
+                        op = "dequantize" + ("" if table is None else "-table" if table else "-add")
                         case = KernelCase(fmt, bits, 16, shape, 0, t, packed_bytes(q), fp32_copy, fp32_copy,
-                                          op="dequantize-in-cache" if scratch else "dequantize")
+                                          op=op + ("-in-cache" if scratch else ""))
                         out.append(case.to_dict())
                         if progress:
                             progress(out[-1])

@@ -9,8 +9,8 @@ once and the dispatch keeps the PyTorch reference kernels.
 Each kernel takes the format's packed tensors in a kernel layout prepared once per module
 (cached like the reference backend's dequantized weight):
   * ``int`` / ``pot``: the stored codes as they are; float32 scales (and ``s·z``);
-  * ``bcq``: bit-planes transposed to ``[q, K/8, N]`` bytes, α to ``[G, q, N]``;
-  * ``bitplane``: planes as 64-bit words ``[G, b, W, N]`` (8 rows per 512-bit load), plus
+  * ``bcq``: bit-planes blocked by 16 rows, ``[N/16, q, K/8, 16]`` bytes, α as ``[G, q, N]``;
+  * ``bitplane``: planes as 64-bit words blocked by 8 rows, ``[N/8, G, b, W, 8]``, plus
     per-group code sums for the zero-point terms.
 Formats or specs a kernel does not cover (BCQ groups not a multiple of 8, INT weights
 with quantized activations) run on the reference backend.
@@ -221,12 +221,14 @@ def _prep_bcq(module):
     n, k = module.shape
     q = module.spec.bits
     npad = -(-n // 16) * 16
-    planes = module.planes  # [q, N, ceil(K/8)] bytes
-    planes_t = _pad_rows(planes.transpose(1, 2), npad, 2).contiguous()  # [q, chunks, Npad]
+    planes = _pad_rows(module.planes, npad, 1)  # [q, Npad, chunks] bytes
+    chunks = planes.shape[2]
+    # blocks of 16 rows: [Npad/16, q, chunks, 16]
+    planes_b = planes.reshape(q, npad // 16, 16, chunks).permute(1, 0, 3, 2).contiguous()
     alpha = module.alpha.float()  # [N, G, q]
     alpha_t = _pad_rows(alpha.permute(1, 2, 0), npad, 2).contiguous()  # [G, q, Npad]
     offset_t = _pad_rows(module.offset.float().t(), npad, 1).contiguous()  # [G, Npad]
-    return {"planes": planes_t, "alpha": alpha_t, "offset": offset_t, "npad": npad, "bias": _bias(module)}
+    return {"planes": planes_b, "alpha": alpha_t, "offset": offset_t, "npad": npad, "bias": _bias(module)}
 
 
 def bcq_supported(module) -> bool:
@@ -257,7 +259,9 @@ def _prep_bitplane(module):
     w = planes.shape[-1] // 8
     npad = -(-n // 8) * 8
     words = planes.contiguous().view(torch.int64).reshape(spec.bits, n, ng, w)
-    wplanes = _pad_rows(words.permute(2, 0, 3, 1), npad, 3).contiguous()  # [G, b, W, Npad]
+    words = _pad_rows(words, npad, 1)  # [b, Npad, G, W]
+    # blocks of 8 rows: [Npad/8, G, b, W, 8]
+    wplanes = words.reshape(spec.bits, npad // 8, 8, ng, w).permute(1, 3, 0, 4, 2).contiguous()
     codes, scales, zeros = get_format("bitplane").unpack(module.packed(), spec, module.shape)
     if spec.sym:  # signed values (unpack gives the INT format's offset-binary codes)
         vals = codes.to(torch.int64) - (1 << (spec.bits - 1))
