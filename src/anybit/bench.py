@@ -168,24 +168,28 @@ def bench_kernels(shapes=SMOLLM2_SHAPES + LLAMA7B_SHAPES, batches=(1, 16), group
 
 @torch.inference_mode()
 def bench_decode(model, tokenizer, prompt_tokens: int = 128, new_tokens: int = 64, reps: int = 3) -> dict:
-    """Prefill tokens/s (one forward of ``prompt_tokens``) and greedy decode tokens/s
-    (``new_tokens`` steps with the KV cache), medians of ``reps``."""
+    """Prefill tokens/s (one forward of ``prompt_tokens`` that fills the KV cache) and greedy
+    decode tokens/s (``new_tokens`` single-token steps on that cache), medians of ``reps``."""
     from .progress import measure
 
-    ids = torch.arange(prompt_tokens)[None] % (tokenizer.vocab_size if tokenizer is not None else 1000) + 1
+    vocab = getattr(model.config, "vocab_size", 1000)
+    ids = (torch.arange(prompt_tokens)[None] * 7919) % (vocab - 1) + 1
 
-    def prefill():
-        model(ids, use_cache=False)
-
-    def decode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        t1 = time.perf_counter()
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return t1 - t0, time.perf_counter() - t1
 
     with measure() as m:
-        t_prefill = median_time(prefill, min_reps=reps, min_seconds=0)
-        t_total = median_time(decode, min_reps=reps, min_seconds=0)
-    # decode time = generate time minus its own prefill
-    t_decode = max(t_total - t_prefill, 1e-9)
+        run()  # warm-up: kernel layouts, allocator
+        times = [run() for _ in range(reps)]
+    t_prefill = statistics.median(t[0] for t in times)
+    t_decode = statistics.median(t[1] for t in times)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return {"prefill_tokens_per_s": prompt_tokens / t_prefill, "decode_tokens_per_s": new_tokens / t_decode,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "peak_rss_mib": m.peak_rss_mib,

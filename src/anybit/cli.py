@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
     q.add_argument("--clip-search", action="store_true", help="RTN: search a range shrink per group")
     q.add_argument("--skip", action="append", default=[], help="regex of layers to keep in float (repeatable)")
+    q.add_argument("--lm-head-bits", type=int, default=0,
+                   help="also quantize the output head with RTN at this many bits (default 0: keep it float)")
     q.add_argument("--damp-percent", type=float, default=None, help="GPTQ dampening (default 0.01)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the float weight")
@@ -246,6 +248,7 @@ def _config_from_args(args):
         options["sensitivity_samples"] = args.sensitivity_samples
     cfg = QuantConfig(method=args.method, wbits=wbits, abits=abits, group_size=group, sym=args.sym, seed=args.seed,
                       skip=tuple(args.skip), options=options, bit_balance=balance, act_sym=args.act_sym,
+                      lm_head_bits=args.lm_head_bits,
                       act_group_size=args.act_group_size if args.act_group_size is not None else -1)
     cfg.validate()
     return cfg
@@ -433,6 +436,9 @@ def _bench_e2e(args) -> int:
     if args.prompt_tokens < 1 or args.new_tokens < 1 or args.reps < 1:
         raise AnybitError("--prompt-tokens, --new-tokens and --reps must be positive")
     if args.one:  # measure one model in this process
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' past_key_values rename
         lm = load_model(args.model)
         res = bench.bench_decode(lm.model, lm.tokenizer, args.prompt_tokens, args.new_tokens, args.reps)
         print(json.dumps({"model": lm.source, "source": getattr(lm.model, "anybit_info", {}).get("source"), **res}))

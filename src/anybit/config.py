@@ -50,6 +50,9 @@ class QuantConfig:
     act_sym: bool = False
     # ABQ-LLM's "W2*": an asymmetric wbits grid with 2^wbits + 1 levels, stored in wbits + 1 bits
     bit_balance: bool = False
+    # also quantize the output head (RTN, asymmetric INT, group 128; untied from the
+    # embedding) at this many bits; 0 keeps it in float (the GPTQ-family default)
+    lm_head_bits: int = 0
     skip: tuple[str, ...] = ()
     overrides: dict[str, dict] = field(default_factory=dict)
     options: dict = field(default_factory=dict)
@@ -63,6 +66,8 @@ class QuantConfig:
             raise AnybitError(f"--group-size must be -1 (per output channel) or a positive integer, got {self.group_size}")
         if self.act_group_size != -1 and self.act_group_size < 1:
             raise AnybitError(f"--act-group-size must be -1 (per token) or a positive integer, got {self.act_group_size}")
+        if self.lm_head_bits and not 2 <= self.lm_head_bits <= 8:
+            raise AnybitError(f"--lm-head-bits must be between 2 and 8 (or 0: float), got {self.lm_head_bits}")
         if self.bit_balance and (self.sym or self.wbits > 2):
             raise AnybitError("bit balance (W2*, W1*) applies to asymmetric 1- or 2-bit weights; drop --sym or the '*'")
         for pattern in (*self.skip, *self.overrides):

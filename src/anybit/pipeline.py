@@ -55,8 +55,26 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     key = run_key(model, config, calibration) if run_dir is not None else ""
     result: MethodResult = method.run(model, adapter, config, calibration, progress=progress,
                                       run_dir=Path(run_dir) if run_dir is not None else None, run_key=key)
+    if config.lm_head_bits:
+        quantize_lm_head(model, adapter.lm_head, config.lm_head_bits)
     model.anybit_info = quantization_info(model, config, result, time.perf_counter() - t0)
     return model
+
+
+def quantize_lm_head(model: nn.Module, name: str, bits: int, group_size: int = 128) -> None:
+    """RTN the output head (asymmetric INT), untying it from the input embedding, whose
+    float weight the token lookup keeps using."""
+    from .formats import FormatSpec
+
+    head = model.get_submodule(name)
+    linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    linear.weight.data = head.weight.data.detach().clone().float()
+    if head.bias is not None:
+        linear.bias.data = head.bias.data.detach().clone()
+    model.set_submodule(name, QuantLinear.from_linear(linear, FormatSpec("int", bits, group_size, False)))
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = None
 
 
 def quantization_info(model: nn.Module, config: QuantConfig, result: MethodResult, seconds: float) -> dict:

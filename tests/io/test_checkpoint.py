@@ -108,3 +108,22 @@ def test_nan_weights_refused():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(AnybitError, match="NaN"):
         anybit.quantize(model, anybit.QuantConfig(), progress=False)
+
+
+@needs_stories
+def test_quantized_lm_head_is_untied_and_round_trips(tmp_path, fresh_stories):
+    import anybit
+    from anybit.nn import QuantLinear
+
+    model, tok = fresh_stories.model, fresh_stories.tokenizer
+    emb = model.get_input_embeddings().weight.detach().clone()
+    anybit.quantize(model, anybit.QuantConfig(wbits=4, group_size=32, lm_head_bits=8), progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and "lm_head" in model.anybit_info["layers"]
+    assert torch.equal(model.get_input_embeddings().weight, emb)  # the lookup keeps the float table
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+    anybit.save(model, tok, tmp_path / "q")
+    loaded, _ = anybit.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)

@@ -94,8 +94,14 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+# Below this many weight x row products a kernel runs on one thread: forking and joining an
+# OpenMP team costs tens of microseconds (far more when the cores are shared), more than
+# such a product takes.
+PARALLEL_MIN_WORK = 1 << 20
+
+
+def _threads(work: int = PARALLEL_MIN_WORK) -> int:
+    return torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
 
 
 def _group(spec, k: int) -> tuple[int, int]:
@@ -104,8 +110,9 @@ def _group(spec, k: int) -> tuple[int, int]:
 
 
 def _cached(module, build):
-    """The kernel layout of ``module``'s packed tensors, rebuilt when they change."""
-    key = reference._key(module)
+    """The kernel layout of ``module``'s packed tensors, rebuilt when they change (a cheap
+    key: called on every decoding step of every layer)."""
+    key = tuple((id(t), t._version) for t in module._buffers.values())
     cached = getattr(module, "_native_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -154,9 +161,10 @@ def _prep_pot(module):
 
 
 def _dequantized_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """Many rows: the native dequantize kernel into a temporary float weight, then BLAS
-    (no float copy of the weight stays in memory, unlike the reference backend's cache)."""
-    return torch.nn.functional.linear(x, dequantize(module).to(x.dtype), module.bias)
+    """Many rows: the native dequantize kernel into the shared scratch weight, then BLAS
+    (no float copy of each weight stays in memory, unlike the reference backend's cache)."""
+    w = dequantize(module, out=_scratch_weight(*module.shape))
+    return torch.nn.functional.linear(x, w.to(x.dtype), module.bias)
 
 
 def int_linear(x: torch.Tensor, module) -> torch.Tensor:
@@ -170,7 +178,7 @@ def int_linear(x: torch.Tensor, module) -> torch.Tensor:
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     _lib.anybit_int_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
-                         _ptr(d["scales"]), _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y), _threads())
+                         _ptr(d["scales"]), _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y), _threads(xf.shape[0] * n * k))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -183,11 +191,24 @@ def pot_linear(x: torch.Tensor, module) -> torch.Tensor:
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     _lib.anybit_pot_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
-                         _ptr(d["scales"]), _ptr(d["bias"]), _ptr(y), _threads(), int(POT_TABLE))
+                         _ptr(d["scales"]), _ptr(d["bias"]), _ptr(y), _threads(xf.shape[0] * n * k), int(POT_TABLE))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
-def dequantize(module, scratch_only: bool = False, pot_table: bool | None = None) -> torch.Tensor | float:
+_scratch = torch.empty(0)
+
+
+def _scratch_weight(n: int, k: int) -> torch.Tensor:
+    """One float32 buffer shared by every layer (grown to the largest): dequantizing into
+    memory that is already mapped avoids a page fault per 4 KiB on every call."""
+    global _scratch
+    if _scratch.numel() < n * k:
+        _scratch = torch.empty(n * k, dtype=torch.float32)
+    return _scratch[: n * k].view(n, k)
+
+
+def dequantize(module, scratch_only: bool = False, pot_table: bool | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | float:
     """The dequantize-only kernel of a QuantLinear (INT: ``(q − z)·s``; PoT: the exponent add,
     per weight or, with ``pot_table``, once per group into a 16-entry register table): the
     float32 weight, or with ``scratch_only`` a checksum of rows dequantized into cache."""
@@ -198,10 +219,11 @@ def dequantize(module, scratch_only: bool = False, pot_table: bool | None = None
     d = _cached(module, _prep_int if fmt == "int" else _prep_pot)
     n, k = module.shape
     g, ng = _group(module.spec, k)
-    out = None if scratch_only else torch.empty(n, k, dtype=torch.float32)
+    if out is None and not scratch_only:
+        out = torch.empty(n, k, dtype=torch.float32)
     chk = c_float(0.0)
     _lib.anybit_dequant(0 if fmt == "int" else 2 if table else 1, _ptr(d["qweight"]), d["qweight"].shape[1], n, k, module.spec.bits, g,
-                        ng, _ptr(d["scales"]), _ptr(d.get("szs")), _ptr(out), int(scratch_only), _threads(),
+                        ng, _ptr(d["scales"]), _ptr(d.get("szs")), _ptr(out), int(scratch_only), _threads(n * k),
                         ctypes.byref(chk))
     return chk.value if scratch_only else out
 
@@ -245,7 +267,7 @@ def bcq_linear(x: torch.Tensor, module) -> torch.Tensor:
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     _lib.anybit_bcq_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["planes"]), d["npad"], n, module.spec.bits, g, ng,
-                         _ptr(d["alpha"]), _ptr(d["offset"]), _ptr(d["bias"]), _ptr(y), _threads())
+                         _ptr(d["alpha"]), _ptr(d["offset"]), _ptr(d["bias"]), _ptr(y), _threads(xf.shape[0] * n * k))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -287,7 +309,7 @@ def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     _lib.anybit_bitplane_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["wplanes"]), d["npad"], n, spec.bits, int(spec.sym), g, ng,
                               d["W"], _ptr(d["sw"]), _ptr(d["zw"]), _ptr(d["wsum"]), act.bits, int(not act.sym), agroup,
-                              _ptr(d["bias"]), _ptr(y), _threads())
+                              _ptr(d["bias"]), _ptr(y), _threads(xf.shape[0] * n * k))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 

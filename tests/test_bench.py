@@ -1,0 +1,37 @@
+"""The benchmark commands produce what the docs quote (fields, ratios measured in the same run)."""
+
+import json
+
+import pytest
+
+from anybit import bench
+from anybit.cli import main
+from anybit.kernels import native
+
+from conftest import needs_stories
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels not built")
+def test_kernel_bench_fields():
+    limits = (native.MAX_ROWS, native.MAX_ROWS_BITPLANE)
+    cases = bench.bench_kernels(shapes=((64, 96),), batches=(1, 3), cases=bench.CASES[:1] + bench.CASES[-1:])
+    gemm = [c for c in cases if c["op"] == "gemm"]
+    assert {(c["format"], c["batch"]) for c in gemm} == {("int", 1), ("int", 3), ("bitplane", 1), ("bitplane", 3)}
+    for c in gemm:
+        assert c["shape"] == [64, 96] and c["median_s"] > 0
+        assert c["ratio_vs_fp32"] == pytest.approx(c["fp32_median_s"] / c["median_s"])
+        assert c["abits"] == (16 if c["format"] == "int" else 8)
+    ops = {c["op"] for c in cases}
+    assert {"dequantize", "dequantize-in-cache", "dequantize-table-in-cache", "dequantize-add-in-cache"} <= ops
+    assert (native.MAX_ROWS, native.MAX_ROWS_BITPLANE) == limits  # the dispatch limits are restored
+
+
+@needs_stories
+def test_e2e_bench_against_the_recorded_source(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "stories260k", "--wbits", "4", "--group-size", "32", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "e2e", str(out), "--prompt-tokens", "16", "--new-tokens", "4", "--reps", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["baseline"]["model"] == "stories260k" and rep["model"]["source"] == "stories260k"
+    assert rep["decode_speedup"] > 0 and rep["weights_ratio"] < 1
