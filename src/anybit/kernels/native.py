@@ -167,32 +167,33 @@ def _dequantized_linear(x: torch.Tensor, module) -> torch.Tensor:
     return torch.nn.functional.linear(x, w.to(x.dtype), module.bias)
 
 
-def int_linear(x: torch.Tensor, module) -> torch.Tensor:
-    if module.act.enabled:
-        return reference.linear(x, module)
+def _weight_only(x: torch.Tensor, module, pot: bool) -> torch.Tensor:
+    """INT or PoT weights, float activations: the GEMV/GEMM kernel, or dequantize + BLAS."""
     if _too_many_rows(x, module.in_features):
         return _dequantized_linear(x, module)
-    d = _cached(module, _prep_int)
+    d = _cached(module, _prep_pot if pot else _prep_int)
     n, k = module.shape
     g, ng = _group(module.spec, k)
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
-    _lib.anybit_int_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
-                         _ptr(d["scales"]), _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y), _threads(xf.shape[0] * n * k))
+    common = (_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
+              _ptr(d["scales"]))
+    threads = _threads(xf.shape[0] * n * k)
+    if pot:
+        _lib.anybit_pot_gemm(*common, _ptr(d["bias"]), _ptr(y), threads, int(POT_TABLE))
+    else:
+        _lib.anybit_int_gemm(*common, _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y), threads)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def int_linear(x: torch.Tensor, module) -> torch.Tensor:
+    if module.act.enabled:  # INT weights with quantized activations are the bit-plane format's job
+        return reference.linear(x, module)
+    return _weight_only(x, module, pot=False)
 
 
 def pot_linear(x: torch.Tensor, module) -> torch.Tensor:
-    if _too_many_rows(x, module.in_features):
-        return _dequantized_linear(x, module)
-    d = _cached(module, _prep_pot)
-    n, k = module.shape
-    g, ng = _group(module.spec, k)
-    xf = _flat(x, k)
-    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
-    _lib.anybit_pot_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
-                         _ptr(d["scales"]), _ptr(d["bias"]), _ptr(y), _threads(xf.shape[0] * n * k), int(POT_TABLE))
-    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+    return _weight_only(x, module, pot=True)
 
 
 _scratch = torch.empty(0)
