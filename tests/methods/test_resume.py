@@ -5,14 +5,23 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, STORIES_TRAIN, needs_stories
 
 
-def _quantize(out, extra_env=None):
-    cmd = [sys.executable, "-m", "anybit.cli", "quantize", "stories260k", "--method", "gptq", "--wbits", "3",
+METHODS = {
+    "gptq": ["--method", "gptq", "--wbits", "3"],
+    # trained methods: the float chain (ABQ-LLM) and the optimizer's random order must resume too
+    "abq": ["--method", "abq", "--scheme", "W4A8", "--epochs", "1"],
+    "potptq": ["--method", "potptq", "--wbits", "3", "--epochs", "1"],
+}
+
+
+def _quantize(out, extra_env=None, method="gptq"):
+    cmd = [sys.executable, "-m", "anybit.cli", "quantize", "stories260k", *METHODS[method],
            "--group-size", "32", "--calib", str(STORIES_TRAIN), "--nsamples", "16", "--seqlen", "128",
            "--out", str(out), "--quiet"]
     env = {**os.environ, **(extra_env or {})}
@@ -20,20 +29,21 @@ def _quantize(out, extra_env=None):
 
 
 @needs_stories
-def test_killed_run_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_killed_run_resumes_to_the_same_result(tmp_path, method):
     out = tmp_path / "q"
     partial = tmp_path / ".q.partial"
-    killed = _quantize(out, {"ANYBIT_TEST_KILL_AFTER_BLOCK": "2"})
+    killed = _quantize(out, {"ANYBIT_TEST_KILL_AFTER_BLOCK": "2"}, method)
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()  # nothing half-written
     assert json.loads((partial / "progress.json").read_text())["done"] == 3
 
-    resumed = _quantize(out)
+    resumed = _quantize(out, method=method)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     assert not partial.exists()
 
-    straight = _quantize(tmp_path / "ref")
+    straight = _quantize(tmp_path / "ref", method=method)
     assert straight.returncode == 0, straight.stderr
     a = load_file(str(out / "model.safetensors"))
     b = load_file(str(tmp_path / "ref" / "model.safetensors"))

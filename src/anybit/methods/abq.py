@@ -41,7 +41,7 @@ from ..models import Adapter
 from ..nn import QuantLinear
 from ..nn.attention import attention_modules, enable, set_qkv
 from .base import LayerReport, Method, MethodResult, relative_error
-from .sequential import BlockInputs, block_forward, run_sequential
+from .sequential import BlockInputs, block_forward, block_generator, run_sequential
 from .smoothing import Pair, absmax, fold_producer, input_range, pairs, smooth_scales, weight_absmax
 
 LWC_INIT = 4.0
@@ -194,7 +194,6 @@ class ABQ(Method):
         batch = int(opts.get("batch", 1))
         qkv = ActSpec(config.abits, -1, False) if config.abits < 16 and bool(opts.get("qkv", True)) else None
         n_blocks = len(adapter.get_blocks(model))
-        gen = torch.Generator().manual_seed(config.seed)
         enable(model)  # attention through anybit's function: Q/K/V quantization and map capture
 
         def run_block(block, hidden, kwargs, maps: bool):
@@ -273,8 +272,8 @@ class ABQ(Method):
             n = inputs.hidden.shape[0]
             if groups and epochs:
                 opt = torch.optim.AdamW(groups, weight_decay=0.0)
-                for _ in range(epochs):
-                    order = torch.randperm(n, generator=gen)
+                for epoch in range(epochs):
+                    order = torch.randperm(n, generator=block_generator(config.seed, i, epoch))
                     for s in range(0, n, batch):
                         idx = order[s: s + batch]
                         y, p_q = run_block(block, inputs.hidden[idx], inputs.kwargs, dc_block)

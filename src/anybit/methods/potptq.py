@@ -27,7 +27,7 @@ from ..formats import pot
 from ..models import Adapter
 from ..nn import QuantLinear
 from .base import LayerReport, Method, MethodResult, quantize_layers_data_free, relative_error
-from .sequential import BlockInputs, block_forward, run_sequential
+from .sequential import BlockInputs, block_forward, block_generator, run_sequential
 
 STEPS = ("none", "init", "refine", "both")
 
@@ -98,7 +98,6 @@ class PoTPTQ(Method):
         lam = float(config.options.get("lambda", 0.1))
         epochs = int(config.options.get("epochs", default_epochs(config.wbits)))
         batch = int(config.options.get("batch", 1))  # one window per Adam step, as the paper (OmniQuant-style)
-        gen = torch.Generator().manual_seed(config.seed)
 
         def process(i: int, block: nn.Module, inputs: BlockInputs, forward) -> list[LayerReport]:
             target = block_forward(block, inputs.hidden, inputs.kwargs, batch=batch)
@@ -118,8 +117,8 @@ class PoTPTQ(Method):
                 p.requires_grad_(True)
             opt = torch.optim.Adam(params, lr=lr)
             n = inputs.hidden.shape[0]
-            for _ in range(epochs):
-                order = torch.randperm(n, generator=gen)
+            for epoch in range(epochs):
+                order = torch.randperm(n, generator=block_generator(config.seed, i, epoch))
                 for s in range(0, n, batch):
                     idx = order[s: s + batch]
                     y = block(inputs.hidden[idx], **inputs.kwargs)

@@ -121,6 +121,12 @@ def capture_inputs(model: nn.Module, adapter: Adapter, windows: torch.Tensor, ru
     return BlockInputs(hidden, store["kwargs"])
 
 
+def block_generator(seed: int, block: int, epoch: int = 0) -> torch.Generator:
+    """A random stream that depends only on (seed, block, epoch), so that a run resumed at
+    block i draws what an uninterrupted run draws there."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + block) * 1_009 + epoch)
+
+
 def fingerprint(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:

@@ -1,0 +1,64 @@
+"""Markdown tables from the JSON of ``anybit bench kernels --json`` (so that the docs quote
+the measured file, not hand-copied numbers).
+
+    python benchmarks/kernels_table.py benchmarks/results/kernels_2026-11-25.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(path: str) -> None:
+    rows = json.load(open(path))
+    m = rows[0]["machine"]
+    print(f"Machine: {m['cpu']}, {m['threads']} threads, ISA {m['isa']}, torch {m['torch']}, {m['date']}; "
+          f"copy bandwidth {rows[0]['copy_gb_per_s']:.1f} GB/s (read + write).\n")
+    shapes = []
+    for r in rows:
+        if r["shape"] not in shapes:
+            shapes.append(r["shape"])
+    for batch in sorted({r["batch"] for r in rows if r["op"] == "gemm"}):
+        print(f"\n### GEMV/GEMM, batch {batch}: ratio to F.linear fp32 (bf16), median time\n")
+        print("| format | " + " | ".join(f"{s[0]}×{s[1]}" for s in shapes) + " |")
+        print("|---|" + "---|" * len(shapes))
+        cases = []
+        for r in rows:
+            key = (r["format"], r["bits"], r["abits"])
+            if r["op"] == "gemm" and r["batch"] == batch and key not in cases:
+                cases.append(key)
+        for fmt, bits, abits in cases:
+            cells = []
+            for s in shapes:
+                r = next((r for r in rows if r["op"] == "gemm" and r["batch"] == batch and r["shape"] == s
+                          and (r["format"], r["bits"], r["abits"]) == (fmt, bits, abits)), None)
+                cells.append("–" if r is None else
+                             f"×{r['ratio_vs_fp32']:.2f} (×{r['ratio_vs_bf16']:.2f}) {r['median_s'] * 1e3:.3f} ms")
+            name = f"{fmt} W{bits}" + (f"A{abits}" if abits < 16 else "")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        fp = {tuple(s): next(r for r in rows if r["shape"] == s and r["batch"] == batch and r["op"] == "gemm")
+              for s in shapes}
+        print("| F.linear fp32 / bf16 | " + " | ".join(
+            f"{fp[tuple(s)]['fp32_median_s'] * 1e3:.3f} / {fp[tuple(s)]['bf16_median_s'] * 1e3:.3f} ms" for s in shapes) + " |")
+    deq = [r for r in rows if r["op"].startswith("dequantize")]
+    if deq:
+        print("\n### Dequantize-only, median time (INT: (q − z)·s; PoT: exponent add per weight, or per group into a table)\n")
+        ops = []
+        for r in deq:
+            if (r["format"], r["op"]) not in ops:
+                ops.append((r["format"], r["op"]))
+        print("| kernel | bits | " + " | ".join(f"{s[0]}×{s[1]}" for s in shapes) + " |")
+        print("|---|---|" + "---|" * len(shapes))
+        for fmt, op in ops:
+            for bits in sorted({r["bits"] for r in deq}):
+                cells = []
+                for s in shapes:
+                    r = next((r for r in deq if r["shape"] == s and r["format"] == fmt and r["op"] == op
+                              and r["bits"] == bits), None)
+                    cells.append("–" if r is None else f"{r['median_s'] * 1e3:.3f} ms")
+                print(f"| {fmt} {op} | {bits} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
