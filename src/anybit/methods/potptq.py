@@ -43,8 +43,9 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 class PoTFakeLinear(nn.Module):
     """A linear whose weight is PoT-quantized on the fly from ``Ŝ = S ⊙ (1 + Γ)`` (training only)."""
 
-    def __init__(self, linear: nn.Linear, scales: torch.Tensor, spec: FormatSpec):
+    def __init__(self, linear: nn.Linear, scales: torch.Tensor, spec: FormatSpec, straight_through: str = "scale"):
         super().__init__()
+        self.straight_through = straight_through
         self.weight = linear.weight.detach().float()
         self.bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("scales", scales.float())
@@ -55,10 +56,18 @@ class PoTFakeLinear(nn.Module):
         return self.scales * (1 + self.gamma)
 
     def fake_weight(self) -> torch.Tensor:
+        """``Ŝ · sign · 2^e`` with ``e`` recomputed from ``Ŝ``. The gradient reaches Ŝ through
+        the product with the exponent held fixed (``straight_through="scale"``, default). A
+        straight-through estimator on the rounding of ``log2(|w|/Ŝ)`` instead
+        (``"log"``) makes ``Ŝ·2^ẽ = |w|`` to first order, so the two gradient paths cancel
+        and only clamped weights (e = 0 or e = E) move Ŝ: measured in docs/potptq.md."""
         k = self.weight.shape[1]
         s = pot.expand_groups(self.current_scales(), self.spec.group_size, k)
         mag = (self.weight.abs() / s).clamp_min(1e-30)
-        e = round_ste(torch.log2(mag)).clamp(0, pot.max_exponent(self.spec.bits))
+        if self.straight_through == "log":
+            e = round_ste(torch.log2(mag)).clamp(0, pot.max_exponent(self.spec.bits))
+        else:
+            e = torch.round(torch.log2(mag)).clamp(0, pot.max_exponent(self.spec.bits)).detach()
         return s * torch.sign(self.weight).where(self.weight != 0, torch.ones_like(self.weight)) * torch.exp2(e)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +83,8 @@ class PoTPTQ(Method):
         steps = config.options.get("steps", "both")
         if steps not in STEPS:
             raise AnybitError(f"--steps must be one of {', '.join(STEPS)}, got {steps!r}")
+        if config.options.get("straight_through", "scale") not in ("scale", "log"):
+            raise AnybitError("straight_through must be 'scale' or 'log'")
         super().validate(config)
 
     def initial_scales(self, w: torch.Tensor, spec: FormatSpec, config: QuantConfig) -> torch.Tensor:
@@ -107,7 +118,8 @@ class PoTPTQ(Method):
                 spec = self.layer_spec(config, f"{adapter.blocks}.{i}.{name}")
                 if spec is None:
                     continue
-                fakes[name] = PoTFakeLinear(lin, self.initial_scales(lin.weight.data, spec, config), spec)
+                fakes[name] = PoTFakeLinear(lin, self.initial_scales(lin.weight.data, spec, config), spec,
+                                            str(config.options.get("straight_through", "scale")))
                 originals[name] = lin
                 block.set_submodule(name, fakes[name])
             params = [f.gamma for f in fakes.values()]
