@@ -42,3 +42,20 @@ def test_refinement_lowers_block_error_and_is_deterministic():
     assert e_both < e_init
     s2, s3 = m2.state_dict(), m3.state_dict()
     assert all(torch.equal(s2[k], s3[k]) for k in s2)
+
+
+def test_log_domain_straight_through_gives_no_gradient_to_unclamped_scales():
+    """Why step 2 holds the exponent fixed: with an STE on round(log2(|w|/s)), s·2^e equals
+    |w| to first order, so weights whose exponent is not clamped give the scale no gradient."""
+    torch.manual_seed(0)
+    spec = FormatSpec("pot", 3, 8)  # exponents 0..3
+    s = torch.ones(4, 2)
+    w = (torch.rand(4, 16) * 5 + 1.6) * torch.sign(torch.randn(4, 16))  # |w|/s in (1.6, 6.6): e in 1..3, unclamped
+    lin = torch.nn.Linear(16, 4, bias=False)
+    lin.weight.data = w
+    grads = {}
+    for mode in ("log", "scale"):
+        fake = PoTFakeLinear(lin, s, spec, straight_through=mode)
+        (fake.fake_weight() * torch.randn(4, 16, generator=torch.Generator().manual_seed(1))).sum().backward()
+        grads[mode] = fake.gamma.grad.abs().sum().item()
+    assert grads["log"] < 1e-5 < grads["scale"]
