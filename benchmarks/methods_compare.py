@@ -39,7 +39,7 @@ def parse_row(text: str):
             options[k] = v
     s = anybit.parse_scheme(scheme)
     return anybit.QuantConfig(method=method, wbits=s.wbits, abits=s.abits, group_size=s.group_size or 128,
-                              options=options)
+                              bit_balance=s.bit_balance, options=options)
 
 
 def bits_per_weight(model) -> float:

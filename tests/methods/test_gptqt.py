@@ -55,3 +55,14 @@ def test_gptqt_end_to_end_tiny_and_validation():
     from anybit.methods.gptqt import default_intermediate_bits
 
     assert default_intermediate_bits(2) == 5 and default_intermediate_bits(3) == 6 and default_intermediate_bits(7) == 8
+
+
+def test_scale_grid_option_forms():
+    import pytest
+    from anybit.errors import AnybitError
+    from anybit.methods.gptqt import parse_grid
+    assert parse_grid("0.9/0.95/1.0") == (0.9, 0.95, 1.0)
+    assert parse_grid([0.8, 1]) == (0.8, 1.0)
+    for bad in ("0.9/x", "", [0.0]):
+        with pytest.raises(AnybitError):
+            parse_grid(bad)

@@ -14,7 +14,9 @@ the offset, so inference is a BCQ (LUT-GEMM) layer.
 
 Open choices (SPEC §3), measured in docs/gptq.md: ``intermediate_bits`` (default
 ``q + 3``, at most 8: on stories260K h = 6 was best at q = 3 and h = 5 at q = 2, and
-h = q + 1 was worst) and ``scale_grid`` (default 0.80…1.10 in steps of 0.05).
+h = q + 1 was worst) and ``scale_grid`` (default 0.80…1.10 in steps of 0.05). Candidates
+are compared after ``search_rounds`` (3) alternating rounds; the winner is refitted with
+``rounds`` (15).
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ def default_intermediate_bits(q: int) -> int:
 DEFAULT_SCALE_GRID = (0.80, 0.85, 0.90, 0.95, 1.00, 1.05, 1.10)
 
 
+def parse_grid(value) -> tuple[float, ...]:
+    """A list of factors, or one string of them separated by "/" (compare's option syntax)."""
+    if isinstance(value, str):
+        value = value.split("/")
+    elif isinstance(value, (int, float)):
+        value = [value]
+    try:
+        grid = tuple(float(x) for x in value)
+    except ValueError:
+        raise AnybitError(f"scale_grid must be numbers such as 0.9/0.95/1.0, got {value!r}") from None
+    if not grid or any(g <= 0 for g in grid):
+        raise AnybitError(f"scale_grid needs positive factors, got {value!r}")
+    return grid
+
+
 def to_bcq(w_int: torch.Tensor, spec: FormatSpec, col_weight: torch.Tensor | None, rounds: int = 15):
     """Step 2's conversion: q-bit BCQ ``(b, alpha, offset)`` of the step-1 weight, float16 coefficients."""
     b, alpha, offset = fit_alternating(w_int, spec, rounds, col_weight)
@@ -55,25 +72,38 @@ class GPTQT(GPTQ):
         h = int(config.options.get("intermediate_bits", default_intermediate_bits(config.wbits)))
         if not 1 <= config.wbits < h <= 8:
             raise AnybitError(f"gptqt needs --wbits below --intermediate-bits ({h}) and at most 8; got --wbits {config.wbits}")
+        parse_grid(config.options.get("scale_grid", DEFAULT_SCALE_GRID))
         super().validate(config)
 
     def quantize_layer(self, lin: nn.Module, H: torch.Tensor, spec: FormatSpec, config: QuantConfig):
         opts = config.options
         h = int(opts.get("intermediate_bits", default_intermediate_bits(spec.bits)))
-        grid = tuple(float(x) for x in opts.get("scale_grid", DEFAULT_SCALE_GRID))
+        grid = parse_grid(opts.get("scale_grid", DEFAULT_SCALE_GRID))
         weighted = bool(opts.get("hessian_weighted_fit", True))
         W = lin.weight.data.float()
         ispec = FormatSpec("int", h, spec.group_size, config.sym)
         gopts = self.gptq_options(config)
         col_weight = torch.diag(H) if weighted else None
         fmt = get_format("bcq")
+        # The search judges each candidate with a short fit (``search_rounds``); only the
+        # winner gets the full alternating fit (``rounds``): the fits were ~70 % of the time.
+        search_rounds = int(opts.get("search_rounds", 3))
+        rounds = int(opts.get("rounds", 15))
+
+        def bcq_of(w_int: torch.Tensor, n_rounds: int):
+            b, alpha, offset = to_bcq(w_int, spec, col_weight, n_rounds)
+            packed = fmt.pack(b, alpha, offset, spec, tuple(W.shape))
+            return output_error(W, fmt.dequantize(packed, spec, tuple(W.shape)), H), packed
+
         best = None
         for gamma in grid:
             step1 = gptq_quantize(W, H, ispec, shrink=gamma, **gopts)
-            b, alpha, offset = to_bcq(step1.weight, spec, col_weight)
-            packed = fmt.pack(b, alpha, offset, spec, tuple(W.shape))
-            err = output_error(W, fmt.dequantize(packed, spec, tuple(W.shape)), H)
+            err, packed = bcq_of(step1.weight, search_rounds)
             if best is None or err < best[0]:
-                best = (err, packed)
+                best = (err, packed, step1.weight)
+        if rounds > search_rounds:
+            err, packed = bcq_of(best[2], rounds)
+            if err < best[0]:
+                best = (err, packed, best[2])
         bias = lin.bias.data if lin.bias is not None else None
         return QuantLinear.from_packed(best[1], spec, tuple(W.shape), bias), best[0]
