@@ -188,6 +188,9 @@ def run_cell(settings: GridSettings, cell: Cell) -> dict:
         with measure() as m:
             quantize(lm.model, cfg, calib, progress=False)
         row.update(quantize_s=round(m.seconds, 2), peak_rss_mib=round(m.peak_rss_mib))
+        sens = getattr(lm.model, "anybit_info", {}).get("sensitivity")
+        if sens:  # what the method chose (FlexQ's A8 layers), for the report's readers
+            row["a8_layers"] = sens.get("a8_layers")
         tmp = Path(tempfile.mkdtemp(prefix="anybit-cell-"))
         try:
             save(lm.model, lm.tokenizer, tmp / "q")
