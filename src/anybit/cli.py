@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FlexQ: how many of the most sensitive layers keep 8-bit activations (default: one per block)")
     q.add_argument("--sensitivity-samples", type=int, default=None,
                    help="FlexQ: calibration windows for the sensitivity ranking (default 4)")
+    q.add_argument("--sensitivity", default=None, choices=["block", "kl"],
+                   help="FlexQ: rank layers by the error added to their block's output (default) or by whole-model KL")
     q.add_argument("--epochs", type=int, default=None,
                    help="PoTPTQ / ABQ-LLM training epochs (PoTPTQ: 10 at 3 bits, 40 at 2; ABQ-LLM: 20, 40 at W2 and W8A8)")
     q.add_argument("--lr", type=float, default=None, help="PoTPTQ: Adam learning rate for Γ (default 1e-3)")
@@ -246,6 +248,8 @@ def _config_from_args(args):
         if args.sensitivity_samples < 1:
             raise AnybitError(f"--sensitivity-samples must be >= 1, got {args.sensitivity_samples}")
         options["sensitivity_samples"] = args.sensitivity_samples
+    if args.sensitivity is not None:
+        options["sensitivity"] = args.sensitivity
     cfg = QuantConfig(method=args.method, wbits=wbits, abits=abits, group_size=group, sym=args.sym, seed=args.seed,
                       skip=tuple(args.skip), options=options, bit_balance=balance, act_sym=args.act_sym,
                       lm_head_bits=args.lm_head_bits,
