@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ def test_flexq_conventions_ranking_and_budget(metric):
     assert {n for n, x in layers.items() if x.act.bits == 8} == set(sens["a8_layers"]) == set(ranked[:3])
     assert all(x.act.bits == 6 for n, x in layers.items() if n not in sens["a8_layers"])
     assert m.anybit_info["sym"] is True
+    json.dumps(m.anybit_info, allow_nan=False)  # config.json stays strict JSON
     if metric == "block":  # dropping a layer to A6 always adds some error to its block (the KL may not grow)
         assert all(v > 0 for v in sens["scores"].values())
 

@@ -128,7 +128,7 @@ class FlexQ(Method):
                 it.set_postfix(layer=n.split(".", 2)[-1], dkl=f"{scores[n]:.2e}", refresh=False)
             what = f"increase of mean KL to the float model when only this layer drops from A{high} to A{config.abits}"
         else:
-            base = float("nan")
+            base = None  # no whole-model KL is measured (and config.json must stay strict JSON: no NaN)
             scores = block_sensitivity(model, adapter, layers, windows, low, high_act, progress)
             what = (f"relative error added to its decoder block's output when only this layer drops from A{high} to "
                     f"A{config.abits} (all others A{high}, inputs from the all-A{high} model)")
@@ -138,7 +138,9 @@ class FlexQ(Method):
             m.act = high_act[n] if n in keep else low[n]
         result.extra["sensitivity"] = {
             "metric": f"{what}; {windows.shape[0]} x {windows.shape[1]} calibration tokens",
-            "base_kl": base, "a8_layers": ranking[:budget], "scores": {n: scores[n] for n in ranking}}
+            "a8_layers": ranking[:budget], "scores": {n: scores[n] for n in ranking}}
+        if base is not None:
+            result.extra["sensitivity"]["base_kl"] = base
         if progress:
             print(f"flexq: A{high} kept in {budget} of {len(layers)} layers ({metric} sensitivity); "
                   "most sensitive first:", file=sys.stderr)
