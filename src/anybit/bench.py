@@ -27,6 +27,7 @@ LLAMA7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 CASES = (
     [("int", b, 16, False, None, False) for b in (2, 3, 4, 6, 8)]
     + [("pot", b, 16, False, None, False) for b in (2, 3, 4)]
+    + [("potz", b, 16, False, None, False) for b in (2, 3)]
     + [("bcq", b, 16, False, None, False) for b in (2, 3)]
     # ABQ-LLM style: asymmetric weights, per-token asymmetric activations
     + [("bitplane", w, a, False, -1, False) for w, a in ((2, 8), (4, 4), (4, 8), (8, 8))]

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bcq-fit", default=None, choices=["greedy", "alternating"], help="bcq: fit from float")
     q.add_argument("--steps", default=None, choices=["none", "init", "refine", "both"],
                    help="PoTPTQ: scale init (step 1), refinement (step 2), both (default) or none")
+    q.add_argument("--no-zero-level", action="store_true",
+                   help="PoTPTQ: the plain PoT format without a zero level (format pot instead of potz)")
     q.add_argument("--act-group-size", type=int, default=None,
                    help="activations: -1 per token (default) or the weight group size (per token group)")
     q.add_argument("--act-sym", action="store_true", help="symmetric activations (default asymmetric)")
@@ -223,6 +225,8 @@ def _config_from_args(args):
         options["fit"] = args.bcq_fit
     if args.steps:
         options["steps"] = args.steps
+    if args.no_zero_level:
+        options["zero_level"] = False
     if args.epochs is not None:
         if args.epochs < 0:
             raise AnybitError(f"--epochs must be >= 0, got {args.epochs}")

@@ -62,14 +62,18 @@ def test_int(isa, bits, group, sym):
         check(QuantLinear.from_linear(linear(n, k), FormatSpec("int", bits, group, sym)), m, k)
 
 
+@pytest.mark.parametrize("fmt", ["pot", "potz"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [32, 128, -1, 24])
 @pytest.mark.parametrize("table", [True, False])
-def test_pot(isa, bits, group, table, monkeypatch):
+def test_pot(isa, fmt, bits, group, table, monkeypatch):
     monkeypatch.setattr(native, "POT_TABLE", table)
     for n, k, m in SHAPES:
         # a short scale grid: the kernel, not the scale search, is under test
-        check(QuantLinear.from_linear(linear(n, k), FormatSpec("pot", bits, group), grid=(0.5, 0.8, 1.0)), m, k)
+        q = QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group), grid=(0.5, 0.8, 1.0))
+        if fmt == "potz":
+            assert (q.dequantize_weight() == 0).any()  # the zero code is exercised
+        check(q, m, k)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -91,12 +95,12 @@ def test_bitplane(isa, wbits, levels, wsym, abits, act_group, asym):
 
 
 def test_pot_dequantize_kernel_is_bit_exact_and_int_matches():
-    for fmt in ("pot", "int"):
+    for fmt in ("pot", "potz", "int"):
         q = QuantLinear.from_linear(linear(40, 300), FormatSpec(fmt, 3, 64))
         for name in isas():
             native.set_isa(name)
             w = native.dequantize(q)
-            if fmt == "pot":
+            if fmt != "int":
                 assert torch.equal(w, q.dequantize_weight())
                 assert torch.equal(native.dequantize(q, pot_table=False), w)
             else:

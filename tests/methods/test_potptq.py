@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import anybit
@@ -7,10 +8,11 @@ from anybit.methods.potptq import PoTFakeLinear
 from conftest import tiny_model
 
 
-def test_fake_linear_matches_packed_pot_and_has_gradient():
+@pytest.mark.parametrize("fmt", ["pot", "potz"])
+def test_fake_linear_matches_packed_pot_and_has_gradient(fmt):
     torch.manual_seed(0)
     lin = torch.nn.Linear(172, 12, bias=True)
-    spec = FormatSpec("pot", 3, 32)
+    spec = FormatSpec(fmt, 3, 32)
     s = pot.init_scales(lin.weight.data, spec, grid=(0.5, 1.0, 1.5))
     fake = PoTFakeLinear(lin, s, spec)
     x = torch.randn(3, 172)
@@ -27,10 +29,10 @@ def test_refinement_lowers_block_error_and_is_deterministic():
     with torch.no_grad():
         target = ref(ids).logits
 
-    def run(steps, epochs=4):
+    def run(steps, epochs=4, zero=True):
         m = tiny_model("llama")
         cfg = anybit.QuantConfig(method="potptq", wbits=2, group_size=32,
-                                 options={"steps": steps, "epochs": epochs, "lr": 5e-3})
+                                 options={"steps": steps, "epochs": epochs, "lr": 5e-3, "zero_level": zero})
         anybit.quantize(m, cfg, cal, progress=False)
         with torch.no_grad():
             return m, ((m(ids).logits - target) ** 2).mean().item()
@@ -38,10 +40,12 @@ def test_refinement_lowers_block_error_and_is_deterministic():
     m1, e_init = run("init")
     m2, e_both = run("both")
     m3, _ = run("both")
-    assert {v["format"] for v in m2.anybit_info["layers"].values()} == {"pot"}
+    assert {v["format"] for v in m2.anybit_info["layers"].values()} == {"potz"}
     assert e_both < e_init
     s2, s3 = m2.state_dict(), m3.state_dict()
     assert all(torch.equal(s2[k], s3[k]) for k in s2)
+    m4, e_plain = run("both", zero=False)
+    assert {v["format"] for v in m4.anybit_info["layers"].values()} == {"pot"}
 
 
 def test_log_domain_straight_through_gives_no_gradient_to_unclamped_scales():

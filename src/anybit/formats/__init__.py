@@ -8,12 +8,13 @@ from .base import FormatSpec, WeightFormat
 from .bcq import BCQFormat
 from .bitplane import BitplaneFormat
 from .int import IntFormat
-from .pot import PoTFormat
+from .pot import PoTFormat, PoTZeroFormat
 
 FORMATS: dict[str, WeightFormat] = {
     "int": IntFormat(),
     "bcq": BCQFormat(),
     "pot": PoTFormat(),
+    "potz": PoTZeroFormat(),
     "bitplane": BitplaneFormat(),
 }
 

@@ -1,8 +1,16 @@
 """Power-of-two weights (PoT; PoTPTQ, SPEC §2).
 
 ``w ≈ s · sign · 2^e`` with one scale ``s`` per (row, group) and a b-bit code per weight:
-1 sign bit + (b−1) exponent bits, ``e = clamp(round(log2(|w|/s)), 0, 2^(b−1)−1)``. There is
-no zero level: 2-bit gives ±s, ±2s; 3-bit ±s … ±8s; 4-bit ±s … ±128s.
+1 sign bit + (b−1) exponent bits, ``e = clamp(round(log2(|w|/s)), 0, 2^(b−1)−1)``.
+
+Two formats share this module:
+  ``pot``  no zero level (SPEC §2 as written): 2-bit gives ±s, ±2s; 3-bit ±s … ±8s;
+           4-bit ±s … ±128s.
+  ``potz`` a zero level: exponent code 0 means 0 and code m ≥ 1 means ±s·2^(m−1), so one
+           magnitude fewer (2-bit: 0, ±s; 3-bit: 0, ±s … ±4s); |w| < s/2 rounds to 0.
+           Without it every small weight is pushed up to ±s; on SmolLM2-135M that bias
+           compounds over 30 blocks into ppl 10^5 (docs/potptq.md), on stories260K the
+           lost magnitude costs more than the zero level gains.
 
 Code layout: ``code = sign << (b−1) | e`` (sign 1 = negative), packed with
 :mod:`bitpack`. Stored tensors:
@@ -35,15 +43,28 @@ _FLOAT_BITS = {
 
 
 def max_exponent(bits: int) -> int:
+    """The largest exponent *code* (b−1 bits)."""
     return (1 << (bits - 1)) - 1
+
+
+def has_zero(spec: FormatSpec) -> bool:
+    return spec.format == "potz"
+
+
+def top_exponent(spec: FormatSpec) -> int:
+    """The exponent of the largest level, ``s·2^top``: the code range less the zero code."""
+    return max_exponent(spec.bits) - int(has_zero(spec))
 
 
 def base_scale(w: torch.Tensor, spec: FormatSpec, rule: str = "pow") -> torch.Tensor:
     """Per-group base scale ``s0 [N, G]`` from the group's max|w| (SPEC §3, two readings):
-    ``pow``: ``max|w| / 2^(E−1)``; ``range``: ``max|w| / (2^E − 1)``, with E the max exponent."""
+    ``pow``: ``max|w| / 2^(E−1)``; ``range``: ``max|w| / (2^E − 1)``, with E the top exponent
+    (for ``potz`` at 2 bits, E = 0: the only magnitude is s, and s0 = max|w|)."""
     wg, mask = grouped(w.float().abs(), spec.group_size)
     amax = torch.where(mask, wg, 0).amax(-1)
-    e_max = max_exponent(spec.bits)
+    e_max = top_exponent(spec)
+    if e_max == 0:
+        return amax
     den = 2.0 ** (e_max - 1) if rule == "pow" else float((1 << e_max) - 1)
     return amax / den
 
@@ -60,17 +81,23 @@ def encode(w: torch.Tensor, scales: torch.Tensor, spec: FormatSpec) -> torch.Ten
     k = w.shape[-1]
     s = expand_groups(scales.float(), spec.group_size, k)
     mag = w.float().abs() / s
-    e = torch.round(torch.log2(mag.clamp_min(1e-30))).clamp(0, max_exponent(spec.bits))
-    sign = (w < 0).to(torch.uint8)
+    e = torch.round(torch.log2(mag.clamp_min(1e-30))).clamp(0, top_exponent(spec))
+    sign = w < 0
+    if has_zero(spec):  # code e+1 for s·2^e; code 0, sign cleared, for |w| < s/2
+        e = torch.where(mag < 0.5, 0, e + 1)
+        sign = sign & (e > 0)
+    sign = sign.to(torch.uint8)
     return (sign << (spec.bits - 1)) | e.to(torch.uint8)
 
 
 def decode(codes: torch.Tensor, scales: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
-    """Plain dequantization ``s · sign · 2^e`` in float32."""
+    """Plain dequantization ``s · sign · 2^e`` in float32 (``potz``: code 0 is 0, code m is 2^(m−1))."""
     k = codes.shape[-1]
     s = expand_groups(scales.float(), spec.group_size, k)
     e = (codes & max_exponent(spec.bits)).float()
     sign = 1.0 - 2.0 * (codes >> (spec.bits - 1)).float()
+    if has_zero(spec):
+        return torch.where(e == 0, 0.0, s * sign * torch.exp2(e - 1))
     return s * sign * torch.exp2(e)
 
 
@@ -79,15 +106,19 @@ def dequantize_exponent_add(codes: torch.Tensor, scales: torch.Tensor, spec: For
 
     magnitude = bits(|s|) + (e << mantissa_bits)   (one integer add into the exponent field)
     sign      = sign(s) XOR code sign, OR-ed into the sign bit
+    ``potz``: the add is of (e − 1) (the −1 folds into the scale once per group: s/2) and
+    code 0 is masked to +0.
     """
     int_dtype, mant, sign_mask = _FLOAT_BITS[scales.dtype]
     k = codes.shape[-1]
     s_bits = expand_groups(scales, spec.group_size, k).contiguous().view(int_dtype)
     e = (codes & max_exponent(spec.bits)).to(int_dtype)
     code_sign = (codes >> (spec.bits - 1)).to(torch.bool)
-    mag = (s_bits & ~sign_mask) + (e << mant)
+    mag = (s_bits & ~sign_mask) + ((e - int(has_zero(spec))) << mant)
     neg = (s_bits < 0) ^ code_sign
     out = torch.where(neg, mag | sign_mask, mag)
+    if has_zero(spec):
+        out = torch.where(e == 0, 0, out)
     return out.view(scales.dtype)
 
 
@@ -109,14 +140,20 @@ def init_scales(w: torch.Tensor, spec: FormatSpec, rule: str = "pow", grid=DEFAU
     wg, mask = grouped(w.float().abs(), spec.group_size)
     a = torch.where(mask, wg, 0)
     log_a = torch.log2(a.clamp_min(1e-30))
-    # a ragged group's padding (a = 0) lands on the level s, adding s² each: subtracted below
-    npad = (~mask).sum(-1).float()
-    e_max = max_exponent(spec.bits)
+    zero = has_zero(spec)
+    # without a zero level a ragged group's padding (a = 0) lands on the level s, adding s²
+    # each: subtracted below (with one, it lands on 0 and adds nothing)
+    npad = torch.zeros(()) if zero else (~mask).sum(-1).float()
+    e_max = top_exponent(spec)
     best_err = best = None
     for beta in grid:
         s = _clamp_scale(s0 * beta).to(SCALE_DTYPE).float()  # [N, G]
-        e = torch.round(log_a - torch.log2(s).unsqueeze(-1)).clamp_(0, e_max)
-        d = a - s.unsqueeze(-1) * torch.exp2(e)
+        su = s.unsqueeze(-1)
+        e = torch.round(log_a - torch.log2(su)).clamp_(0, e_max)
+        level = su * torch.exp2(e)
+        if zero:
+            level = torch.where(a < 0.5 * su, 0.0, level)
+        d = a - level
         err = (d * d).sum(-1) - npad * s * s
         if best is None:
             best_err, best = err, s
@@ -155,3 +192,9 @@ class PoTFormat(WeightFormat):
     def dequantize(self, packed, spec, shape):
         codes, scales = self.unpack(packed, spec, shape)
         return dequantize_exponent_add(codes, scales, spec).float()
+
+
+class PoTZeroFormat(PoTFormat):
+    """PoT with a zero level (``potz``): same layout, exponent code 0 means 0."""
+
+    name = "potz"

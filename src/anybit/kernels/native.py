@@ -8,7 +8,8 @@ once and the dispatch keeps the PyTorch reference kernels.
 
 Each kernel takes the format's packed tensors in a kernel layout prepared once per module
 (cached like the reference backend's dequantized weight):
-  * ``int`` / ``pot``: the stored codes as they are; float32 scales (and ``s·z``);
+  * ``int`` / ``pot`` / ``potz``: the stored codes as they are; float32 scales (and ``s·z``;
+    ``potz``: s/2, so that code m's exponent add of m gives s·2^(m−1));
   * ``bcq``: bit-planes blocked by 16 rows, ``[N/16, q, K/8, 16]`` bytes, α as ``[G, q, N]``;
   * ``bitplane``: planes as 64-bit words blocked by 8 rows, ``[N/8, G, b, W, 8]``, plus
     per-group code sums for the zero-point terms.
@@ -52,8 +53,8 @@ def _load():
         lib.anybit_set_isa.argtypes = [c_int]
         lib.anybit_get_isa.restype = c_int
         lib.anybit_int_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, p, c_int]
-        lib.anybit_pot_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int]
-        lib.anybit_dequant.argtypes = [c_int, p, i64, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int, p]
+        lib.anybit_pot_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, p, p, p, c_int, c_int]
+        lib.anybit_dequant.argtypes = [c_int, p, i64, i64, i64, c_int, c_int, i64, i64, p, p, p, c_int, c_int, p]
         lib.anybit_bcq_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, p, c_int]
         lib.anybit_bitplane_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, i64, p, p, p, c_int,
                                              c_int, i64, p, p, c_int]
@@ -156,8 +157,9 @@ def _prep_int(module):
 
 
 def _prep_pot(module):
-    # float32 scales; their bit patterns receive the exponent add
-    return {"qweight": module.qweight.contiguous(), "scales": module.scales.float().contiguous(), "bias": _bias(module)}
+    # float32 scales; their bit patterns receive the exponent add (potz: of m for s/2·2^m)
+    scales = module.scales.float() * (0.5 if module.spec.format == "potz" else 1.0)
+    return {"qweight": module.qweight.contiguous(), "scales": scales.contiguous(), "bias": _bias(module)}
 
 
 def _dequantized_linear(x: torch.Tensor, module) -> torch.Tensor:
@@ -176,13 +178,14 @@ def _weight_only(x: torch.Tensor, module, pot: bool) -> torch.Tensor:
     g, ng = _group(module.spec, k)
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
-    common = (_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits, g, ng,
-              _ptr(d["scales"]))
+    head = (_ptr(xf), xf.shape[0], k, _ptr(d["qweight"]), d["qweight"].shape[1], n, module.spec.bits)
+    tail = (g, ng, _ptr(d["scales"]))
     threads = _threads(xf.shape[0] * n * k)
     if pot:
-        _lib.anybit_pot_gemm(*common, _ptr(d["bias"]), _ptr(y), threads, int(POT_TABLE))
+        _lib.anybit_pot_gemm(*head, int(module.spec.format == "potz"), *tail, _ptr(d["bias"]), _ptr(y), threads,
+                             int(POT_TABLE))
     else:
-        _lib.anybit_int_gemm(*common, _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y), threads)
+        _lib.anybit_int_gemm(*head, *tail, _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y), threads)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -215,7 +218,7 @@ def dequantize(module, scratch_only: bool = False, pot_table: bool | None = None
     float32 weight, or with ``scratch_only`` a checksum of rows dequantized into cache."""
     fmt = module.spec.format
     table = POT_TABLE if pot_table is None else pot_table
-    if fmt not in ("int", "pot"):
+    if fmt not in ("int", "pot", "potz"):
         raise ValueError(f"no dequantize kernel for format {fmt}")
     d = _cached(module, _prep_int if fmt == "int" else _prep_pot)
     n, k = module.shape
@@ -223,7 +226,8 @@ def dequantize(module, scratch_only: bool = False, pot_table: bool | None = None
     if out is None and not scratch_only:
         out = torch.empty(n, k, dtype=torch.float32)
     chk = c_float(0.0)
-    _lib.anybit_dequant(0 if fmt == "int" else 2 if table else 1, _ptr(d["qweight"]), d["qweight"].shape[1], n, k, module.spec.bits, g,
+    _lib.anybit_dequant(0 if fmt == "int" else 2 if table else 1, _ptr(d["qweight"]), d["qweight"].shape[1], n, k,
+                        module.spec.bits, int(fmt == "potz"), g,
                         ng, _ptr(d["scales"]), _ptr(d.get("szs")), _ptr(out), int(scratch_only), _threads(n * k),
                         ctypes.byref(chk))
     return chk.value if scratch_only else out
@@ -314,4 +318,4 @@ def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
-KERNELS = {"int": int_linear, "pot": pot_linear, "bcq": bcq_linear, "bitplane": bitplane_linear}
+KERNELS = {"int": int_linear, "pot": pot_linear, "potz": pot_linear, "bcq": bcq_linear, "bitplane": bitplane_linear}

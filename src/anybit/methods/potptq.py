@@ -12,6 +12,10 @@ where F is the decoder block and X its inputs (outputs of the already-quantized 
 ``steps``: ``init`` (step 1 only), ``refine`` (step 2 from the plain base scale s0),
 ``both`` (default), ``none`` (base scale, no tuning: the ablation's first row).
 Defaults from the paper: lr 1e-3, λ 0.1, 10 epochs at 3 bits, 40 at 2 bits.
+
+``zero_level`` (default true): the ``potz`` format, exponent code 0 = 0 (SPEC §2 leaves the
+choice open). Without a zero level PoTPTQ breaks SmolLM2-135M (docs/potptq.md);
+``zero_level=false`` gives the plain ``pot`` format.
 """
 
 from __future__ import annotations
@@ -69,10 +73,13 @@ class PoTFakeLinear(nn.Module):
         s = pot.expand_groups(self.current_scales(), self.spec.group_size, k)
         mag = (self.weight.abs() / s).clamp_min(1e-30)
         if self.straight_through == "log":
-            e = round_ste(torch.log2(mag)).clamp(0, pot.max_exponent(self.spec.bits))
+            e = round_ste(torch.log2(mag)).clamp(0, pot.top_exponent(self.spec))
         else:
-            e = torch.round(torch.log2(mag)).clamp(0, pot.max_exponent(self.spec.bits)).detach()
-        return s * torch.sign(self.weight).where(self.weight != 0, torch.ones_like(self.weight)) * torch.exp2(e)
+            e = torch.round(torch.log2(mag)).clamp(0, pot.top_exponent(self.spec)).detach()
+        w = s * torch.sign(self.weight).where(self.weight != 0, torch.ones_like(self.weight)) * torch.exp2(e)
+        if pot.has_zero(self.spec):
+            w = torch.where(mag.detach() < 0.5, 0.0, w)
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.fake_weight().to(x.dtype), self.bias)
@@ -82,6 +89,13 @@ class PoTPTQ(Method):
     name = "potptq"
     weight_format = "pot"
     needs_calibration = True  # step 2; steps "init"/"none" ignore the data
+
+    def spec_from_fields(self, config: QuantConfig, fields: dict) -> FormatSpec:
+        spec = super().spec_from_fields(config, fields)
+        zero = config.options.get("zero_level", True)
+        if not isinstance(zero, bool):
+            raise AnybitError(f"zero_level must be true or false, got {zero!r}")
+        return FormatSpec("potz" if zero else "pot", spec.bits, spec.group_size, spec.sym)
 
     def validate(self, config: QuantConfig) -> None:
         steps = config.options.get("steps", "both")
@@ -101,12 +115,11 @@ class PoTPTQ(Method):
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
             run_key: str = "") -> MethodResult:
         steps = config.options.get("steps", "both")
-        fmt = get_format("pot")
         if steps in ("none", "init"):
             return quantize_layers_data_free(
                 self, model, adapter, config,
                 lambda lin, spec: QuantLinear.from_packed(
-                    fmt.quantize(lin.weight.data.float(), spec, scales=self.initial_scales(lin.weight.data, spec, config)),
+                    get_format(spec.format).quantize(lin.weight.data.float(), spec, scales=self.initial_scales(lin.weight.data, spec, config)),
                     spec, tuple(lin.weight.shape), lin.bias.data if lin.bias is not None else None),
                 f"potptq-{steps}", progress)
         lr = float(config.options.get("lr", 1e-3))
@@ -165,7 +178,8 @@ class PoTPTQ(Method):
                 for name, fake in fakes.items():
                     lin = originals[name]
                     spec = fake.spec
-                    packed = fmt.quantize(lin.weight.data.float(), spec, scales=fake.current_scales().detach())
+                    packed = get_format(spec.format).quantize(lin.weight.data.float(), spec,
+                                                              scales=fake.current_scales().detach())
                     bias = lin.bias.data if lin.bias is not None else None
                     q = QuantLinear.from_packed(packed, spec, tuple(lin.weight.shape), bias)
                     block.set_submodule(name, q)

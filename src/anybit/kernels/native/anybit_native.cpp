@@ -76,30 +76,31 @@ int anybit_get_isa(void) {
 void anybit_int_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qweight, int64_t row_bytes, int64_t N,
                      int bits, int64_t gsize, int64_t G, const float* scales, const float* szs, const float* bias,
                      float* y, int nthreads) {
-    DISPATCH(weight_only_gemm<0>(x, M, K, qweight, row_bytes, N, bits, gsize, G, scales, szs, bias, y, nthreads))
+    DISPATCH(weight_only_gemm<0>(x, M, K, qweight, row_bytes, N, bits, 0, gsize, G, scales, szs, bias, y, nthreads))
 }
 
 // lut: 1 = exponent add once per group into a 16-entry register table (AVX-512), 0 = per weight
+// zero: exponent code 0 is the level 0 (``potz``; scales passed halved)
 void anybit_pot_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qweight, int64_t row_bytes, int64_t N,
-                     int bits, int64_t gsize, int64_t G, const float* scales, const float* bias, float* y,
+                     int bits, int zero, int64_t gsize, int64_t G, const float* scales, const float* bias, float* y,
                      int nthreads, int lut) {
     if (lut) {
-        DISPATCH(weight_only_gemm<2>(x, M, K, qweight, row_bytes, N, bits, gsize, G, scales, nullptr, bias, y, nthreads))
+        DISPATCH(weight_only_gemm<2>(x, M, K, qweight, row_bytes, N, bits, zero, gsize, G, scales, nullptr, bias, y, nthreads))
     } else {
-        DISPATCH(weight_only_gemm<1>(x, M, K, qweight, row_bytes, N, bits, gsize, G, scales, nullptr, bias, y, nthreads))
+        DISPATCH(weight_only_gemm<1>(x, M, K, qweight, row_bytes, N, bits, zero, gsize, G, scales, nullptr, bias, y, nthreads))
     }
 }
 
-void anybit_dequant(int kind, const uint8_t* qweight, int64_t row_bytes, int64_t N, int64_t K, int bits,
+void anybit_dequant(int kind, const uint8_t* qweight, int64_t row_bytes, int64_t N, int64_t K, int bits, int zero,
                     int64_t gsize, int64_t G, const float* scales, const float* szs, float* out, int scratch_only,
                     int nthreads, float* checksum) {
     // kind: 0 INT ((q − z)·s), 1 PoT (exponent add per weight), 2 PoT (exponent-add table per group)
     if (kind == 0) {
-        DISPATCH(dequant_rows<0>(qweight, row_bytes, N, K, bits, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
+        DISPATCH(dequant_rows<0>(qweight, row_bytes, N, K, bits, zero, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
     } else if (kind == 1) {
-        DISPATCH(dequant_rows<1>(qweight, row_bytes, N, K, bits, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
+        DISPATCH(dequant_rows<1>(qweight, row_bytes, N, K, bits, zero, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
     } else {
-        DISPATCH(dequant_rows<2>(qweight, row_bytes, N, K, bits, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
+        DISPATCH(dequant_rows<2>(qweight, row_bytes, N, K, bits, zero, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
     }
 }
 
