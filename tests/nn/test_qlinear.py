@@ -39,14 +39,22 @@ def test_unknown_backend_is_a_clear_error():
             pass
 
 
-def test_dequant_cache_follows_packed_changes():
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_dequant_cache_follows_packed_changes(backend):
+    """Both backends cache what they derive from the packed tensors (one key,
+    QuantLinear.packed_key): an in-place change and a ``.data`` reassignment both show."""
+    if backend == "native" and not kernels.native.available():
+        pytest.skip("native kernels not built")
     torch.manual_seed(0)
     spec = FormatSpec("int", 4, 16, False)
     q = QuantLinear.from_linear(nn.Linear(32, 8, bias=False), spec)
     x = torch.randn(3, 32)
-    with kernels.use("reference"):
+    with kernels.use(backend):
         y1 = q(x)
         q.scales.mul_(2)  # in place: the cache must notice
         y2 = q(x)
+        q.scales.data = q.scales.data * 2  # new storage, same buffer object
+        y3 = q(x)
     assert torch.allclose(y2, 2 * y1, atol=1e-5)
-    assert torch.allclose(y2, F.linear(x, q.dequantize_weight()), atol=1e-6)
+    assert torch.allclose(y2, F.linear(x, q.dequantize_weight() / 2), atol=1e-5)
+    assert torch.allclose(y3, 4 * y1, atol=1e-5)

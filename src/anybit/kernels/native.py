@@ -111,9 +111,8 @@ def _group(spec, k: int) -> tuple[int, int]:
 
 
 def _cached(module, build):
-    """The kernel layout of ``module``'s packed tensors, rebuilt when they change (a cheap
-    key: called on every decoding step of every layer)."""
-    key = tuple((id(t), t._version) for t in module._buffers.values())
+    """The kernel layout of ``module``'s packed tensors, rebuilt when they change."""
+    key = module.packed_key()
     cached = getattr(module, "_native_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1]

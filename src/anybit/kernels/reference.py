@@ -17,15 +17,11 @@ import torch.nn.functional as F
 from ..formats import activation
 
 
-def _key(module) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in module.packed().values())
-
-
 def dequantized(module) -> torch.Tensor:
     """The module's float32 weight, from the cache when its packed tensors are unchanged."""
     if os.environ.get("ANYBIT_DEQUANT_CACHE", "1") == "0":
         return module.dequantize_weight()
-    key = _key(module)
+    key = module.packed_key()
     cached = getattr(module, "_dequant_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1]
