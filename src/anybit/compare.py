@@ -262,8 +262,12 @@ def make_report(out: Path, title: str | None = None, paper: dict | None = None) 
     if paper:
         head.append("paper (LLaMA-7B)")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # rows grouped by scheme (schemes in order of first appearance), cells in run order within
     order = {k: i for i, k in enumerate(latest)}
-    for r in sorted(rows, key=lambda r: (r["method"] != "fp", order[r["key"]])):
+    scheme_order: dict[str, int] = {}
+    for r in latest.values():
+        scheme_order.setdefault(r["scheme"], len(scheme_order))
+    for r in sorted(rows, key=lambda r: (r["method"] != "fp", scheme_order[r["scheme"]], order[r["key"]])):
         if r["status"] == "ok":
             cells = [r["method"], r["scheme"], _fmt(r.get("bits_per_weight")),
                      *[_fmt(r["ppl"].get(d)) for d in datasets], _fmt(r.get("kl"), 4), _fmt(r.get("quantize_s"), 1),
