@@ -25,6 +25,7 @@ $A compare $WA --methods rtn,abq:epochs=2 --schemes 'W2*A8,W2A8'
 $A compare $WA --methods abq:epochs=2 --schemes W4A4
 $A compare $WA --methods rtn,smoothquant --schemes W8A8,W4A8,W4A4
 $A compare $WA --methods abq:epochs=2 --schemes W6A6,W4A8
+$A compare $WA --methods abq:epochs=2:qkv=false --schemes W6A6
 $A report benchmarks/results/smollm2 --paper benchmarks/paper_weight_only.json --title "SmolLM2-135M, weight-only"
 $A report benchmarks/results/smollm2-wa --paper benchmarks/paper_weight_activation.json \
   --title "SmolLM2-135M, weights and activations"
