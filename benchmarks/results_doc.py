@@ -29,7 +29,8 @@ a 135M-parameter model: compare orderings, not values. Two grids with two settin
 because the CPU time did not allow one: weight-only rows use C4 32 × 512 calibration
 and the first 40 WikiText-2 windows of 2048 tokens; weight+activation rows use C4
 16 × 512 and the first 10 windows (each grid has its own FP row). Trained methods ran
-fewer epochs than the papers (the option is in the method name: `potptq:epochs=2`).
+fewer epochs than the papers (the option is in the method name: `potptq:epochs=1`).
+PoTPTQ rows without `zero_level=false` use the zero-level format `potz` (the default).
 """
 
 
