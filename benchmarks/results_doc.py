@@ -23,7 +23,7 @@ bash benchmarks/smollm2_grid.sh && .venv/bin/python benchmarks/results_doc.py
 ```
 
 Machine: x86-64 AMD EPYC, 2 cores (AVX-512), 24 GiB, no GPU; torch 2.13.0+cpu; run
-2026-11-25. Cells ran two or three at a time on the two cores, so quantize times are
+2026-11-25. Cells ran two to four at a time on the two cores, so quantize times are
 upper bounds. The paper column is LLaMA-7B (LLaMA-2-7B for FlexQ) from `SPEC.md`; ours is
 a 135M-parameter model: compare orderings, not values. Two grids with two settings,
 because the CPU time did not allow one: weight-only rows use C4 32 × 512 calibration
