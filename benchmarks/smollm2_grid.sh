@@ -3,7 +3,7 @@
 # calls into two folders (weight-only; weights+activations; each resumable: a re-run
 # skips finished cells), then the two reports with the paper column.
 # Run from the repository root after the README's install command. The cells took
-# 5-45 min each on the 2-core reference machine (quantize times in the reports).
+# 5-60 min each on the 2-core reference machine (quantize times in the reports).
 set -e
 export ANYBIT_DATA=${ANYBIT_DATA:-../shared/data}
 A=.venv/bin/anybit
@@ -17,7 +17,7 @@ $A compare $W --methods potptq:zero_level=false:epochs=1,potptq:zero_level=false
 # PoTPTQ with the zero level (potz, the default)
 $A compare $W --methods potptq:epochs=1 --schemes W3A16G128,W2A16G64,W2A16G128
 $A compare $W --methods potptq:steps=none,potptq:steps=init,potptq:steps=refine:epochs=1 --schemes W2A16G64
-$A compare $W --methods potptq:steps=init --schemes W3A16G128
+$A compare $W --methods potptq:steps=init,potptq:steps=none,potptq:steps=refine:epochs=1 --schemes W3A16G128
 WA="smollm2-135m --calib c4 --nsamples 16 --seqlen 512 --eval wikitext2 --eval-seqlen 2048 --max-windows 10 --kl-windows 2 --out benchmarks/results/smollm2-wa"
 $A compare $WA --methods rtn,smoothquant,flexq,flexq:a8_layers=0 --schemes W6A6
 $A compare $WA --methods flexq --schemes W6A8
