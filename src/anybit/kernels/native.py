@@ -29,6 +29,7 @@ import torch
 
 from ..formats import get_format
 from ..formats import int as intfmt
+from ..formats import pot as potfmt
 from . import reference
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
@@ -157,7 +158,7 @@ def _prep_int(module):
 
 def _prep_pot(module):
     # float32 scales; their bit patterns receive the exponent add (potz: of m for s/2·2^m)
-    scales = module.scales.float() * (0.5 if module.spec.format == "potz" else 1.0)
+    scales = module.scales.float() * (0.5 if potfmt.has_zero(module.spec) else 1.0)
     return {"qweight": module.qweight.contiguous(), "scales": scales.contiguous(), "bias": _bias(module)}
 
 
@@ -181,7 +182,7 @@ def _weight_only(x: torch.Tensor, module, pot: bool) -> torch.Tensor:
     tail = (g, ng, _ptr(d["scales"]))
     threads = _threads(xf.shape[0] * n * k)
     if pot:
-        _lib.anybit_pot_gemm(*head, int(module.spec.format == "potz"), *tail, _ptr(d["bias"]), _ptr(y), threads,
+        _lib.anybit_pot_gemm(*head, int(potfmt.has_zero(module.spec)), *tail, _ptr(d["bias"]), _ptr(y), threads,
                              int(POT_TABLE))
     else:
         _lib.anybit_int_gemm(*head, *tail, _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y), threads)
@@ -226,7 +227,7 @@ def dequantize(module, scratch_only: bool = False, pot_table: bool | None = None
         out = torch.empty(n, k, dtype=torch.float32)
     chk = c_float(0.0)
     _lib.anybit_dequant(0 if fmt == "int" else 2 if table else 1, _ptr(d["qweight"]), d["qweight"].shape[1], n, k,
-                        module.spec.bits, int(fmt == "potz"), g,
+                        module.spec.bits, int(potfmt.has_zero(module.spec)), g,
                         ng, _ptr(d["scales"]), _ptr(d.get("szs")), _ptr(out), int(scratch_only), _threads(n * k),
                         ctypes.byref(chk))
     return chk.value if scratch_only else out

@@ -87,20 +87,20 @@ class PoTFakeLinear(nn.Module):
 
 class PoTPTQ(Method):
     name = "potptq"
-    weight_format = "pot"
+    weight_format = "pot"  # or "potz" with the zero level: spec_from_fields chooses
     needs_calibration = True  # step 2; steps "init"/"none" ignore the data
 
     def spec_from_fields(self, config: QuantConfig, fields: dict) -> FormatSpec:
         spec = super().spec_from_fields(config, fields)
-        zero = config.options.get("zero_level", True)
-        if not isinstance(zero, bool):
-            raise AnybitError(f"zero_level must be true or false, got {zero!r}")
-        return FormatSpec("potz" if zero else "pot", spec.bits, spec.group_size, spec.sym)
+        fmt = "potz" if config.options.get("zero_level", True) else "pot"
+        return FormatSpec(fmt, spec.bits, spec.group_size, spec.sym)
 
     def validate(self, config: QuantConfig) -> None:
         steps = config.options.get("steps", "both")
         if steps not in STEPS:
             raise AnybitError(f"--steps must be one of {', '.join(STEPS)}, got {steps!r}")
+        if not isinstance(config.options.get("zero_level", True), bool):
+            raise AnybitError(f"zero_level must be true or false, got {config.options['zero_level']!r}")
         if config.options.get("straight_through", "scale") not in ("scale", "log"):
             raise AnybitError("straight_through must be 'scale' or 'log'")
         super().validate(config)
