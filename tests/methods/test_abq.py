@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -75,3 +77,54 @@ def test_bit_balance_beats_plain_w2a8_on_stories(tmp_path):
     model, _ = anybit.load(tmp_path / "abq")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def test_qk_transform_is_exact_under_rope():
+    """K rows × s, Q rows ÷ s (s shared by the two channels RoPE rotates together) leaves
+    the attention scores unchanged; untied scales would not."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from anybit.methods.abq import QKScale
+
+    torch.manual_seed(0)
+    kvh, d, rep, t = 2, 8, 3, 5
+    wq, wk = torch.randn(kvh * rep * d, 16), torch.randn(kvh * d, 16)
+    x = torch.randn(1, t, 16)
+    pos = torch.arange(t, dtype=torch.float32)[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))[None]
+    emb = torch.cat([pos, pos], -1)
+    cos, sin = emb.cos()[None], emb.sin()[None]
+
+    def scores(wq, wk):
+        q = (x @ wq.T).view(1, t, kvh * rep, d).transpose(1, 2)
+        k = (x @ wk.T).view(1, t, kvh, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q @ k.repeat_interleave(rep, 1).transpose(2, 3)
+
+    qk = QKScale(kvh, d, rep, rope=True)
+    qk.scale.data = torch.rand(kvh, d // 2) + 0.5
+    ref = scores(wq, wk)
+    assert torch.allclose(scores(wq * qk.q_rows()[:, None], wk * qk.k_rows()[:, None]), ref, atol=1e-4)
+    untied = QKScale(kvh, d, rep, rope=False)
+    untied.scale.data = torch.rand(kvh, d) + 0.5
+    assert not torch.allclose(scores(wq * untied.q_rows()[:, None], wk * untied.k_rows()[:, None]), ref, atol=1e-2)
+
+
+@needs_stories
+def test_training_moves_every_parameter_group_and_lowers_block_error():
+    lm = anybit.load_model("stories260k")
+    calib = calibration_windows(lm.tokenizer, load_text(str(STORIES_TRAIN), "train"), 8, 128)
+    cfg = anybit.QuantConfig("abq", wbits=4, abits=4, group_size=-1, options={"epochs": 4})
+    anybit.quantize(lm.model, cfg, calib, progress=False)
+    blocks = lm.model.anybit_info["blocks"]
+    assert len(blocks) == 5
+    init_clip = float(torch.sigmoid(torch.tensor(4.0)))
+    for b in blocks:
+        assert b["steps"] == 32
+        assert b["error_after"] < b["error_before"], b
+        assert b["loss_last_epoch"] < b["loss_first_epoch"], b
+        assert b["clip_gamma"]["min"] < init_clip - 1e-3 and b["clip_beta"]["min"] < init_clip - 1e-3, b
+        assert b["let_ratio"]["max"] - b["let_ratio"]["min"] > 1e-3, b
+        assert b["qk_scale"]["max"] - b["qk_scale"]["min"] > 1e-3, b
+    assert "dc_a_abs_max" in blocks[0] and blocks[0]["dc_a_abs_max"] > 0
+    assert {v["group_size"] for v in lm.model.anybit_info["layers"].values()} == {-1}
+    json.dumps(lm.model.anybit_info, allow_nan=False)

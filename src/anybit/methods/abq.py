@@ -1,5 +1,5 @@
 """ABQ-LLM (arXiv 2408.08554; code bytedance/ABQ-LLM, derived from OmniQuant): arbitrary
-weight and activation bits, trained block by block (SPEC §3).
+weight and activation bits, trained block by block (SPEC §3), as the official code runs it.
 
 Per decoder block, on the calibration windows, with the block frozen and only these trained:
 * **LWC**, learnable weight clipping: per (row, group) ``xmax' = σ(γ)·max``,
@@ -8,19 +8,34 @@ Per decoder block, on the calibration windows, with the block frozen and only th
   norm→q/k/v, norm→gate/up, v→o, up→down (init ``act_max^0.5 / w_max^0.5``), and shifts
   where the norm has a bias (OPT); weights are transformed and quantized at every step,
   and folded for good at the end (:mod:`anybit.methods.smoothing`);
+* **Q/K transform** (``qk``; the official ``qkt_smooth_scale``, init 1): K rows × s, Q rows
+  ÷ s, which moves range between the quantized Q and K and leaves Q·Kᵀ unchanged. With
+  rotary embeddings s is shared by the two channels that RoPE rotates together (i and
+  i + d/2), so that the transform commutes with RoPE and stays exact; the official code
+  does not tie them (its fold then changes the float function a little). Off where the
+  attention normalises Q and K per head (Qwen3's q_norm/k_norm undo any scale);
 * **distribution correction** (blocks ``i ≤ 2`` and ``i ≥ L−4``): a rank-1 term on
-  down_proj, ``W' = W + a·bᵀ`` (a = 0, b = 1 at start), merged before quantization, and the
-  block loss
-  ``|KL(P_fp‖P_q)| + |KL(P_q‖P_fp)| + MSE(Y_fp, Y_q) + MSE(Y_fp2, Y_q) − log|cos(Y_q, Y_fp)| − log|cos(Y_q, Y_fp2)|``
-  with P the head-averaged attention maps, Y_fp the float block on the float chain's
-  inputs and Y_fp2 the float block on the quantized chain's inputs; other blocks use
-  OmniQuant's ``MSE(Y_fp, Y_q)``;
+  down_proj, ``W' = W + a·bᵀ`` (a = 0, b = 1 at start, lr 1e-2), merged before quantization;
 * **bit balance** (``W2*``): a 2-bit asymmetric grid with ``qmax = 2^2`` (5 levels), stored
   and executed in 3 bits (``QuantConfig.bit_balance``).
+
+The block loss (``loss="official"``, in **every** block, as ``abq_llm.py``):
+``|KL(P_fp‖P_q)| + |KL(P_q‖P_fp)| + MSE(Y_fp, Y_q) + MSE(Y_fp2, Y_q) − log|cos(Y_q, Y_fp)| − log|cos(Y_q, Y_fp2)|``
+with P the head-averaged attention maps, Y_fp the float block on the float chain's inputs
+and Y_fp2 the float block on the quantized chain's inputs. ``kl="official"`` is the
+official term, ``KLDivLoss(reduction="mean")`` on the re-softmaxed maps (numerically ≈ 0:
+a softmax of probabilities is nearly uniform, and the mean divides by T²);
+``kl="true"`` is the KL of the maps themselves (mean over query positions);
+``kl="none"`` drops it (and needs no maps: the fast SDPA path). ``loss="mse"`` is
+OmniQuant's ``MSE(Y_fp, Y_q)`` alone.
 Activations: dynamic per token, asymmetric, at ``abits``; Q, K and V also at ``abits``
 (:mod:`anybit.nn.attention`); the softmax output stays in float. AdamW (weight decay 0),
-lr 5e-3 (LET), 1e-2 (LWC, DC); 20 epochs, 40 for W2 settings and W8A8.
-Each component can be switched off (``let``, ``lwc``, ``dc`` options) for the ablation.
+lr 5e-3 (LET, Q/K), 1e-2 (LWC, DC); 20 epochs, 40 for W2 settings and W8A8; batch 1;
+steps under bfloat16 autocast (``amp``; the official code trains under CUDA AMP).
+The official LLaMA scripts quantize weights per channel: ``group_size=-1``.
+Each component can be switched off (``let``, ``lwc``, ``dc``, ``qk`` options) for the ablation.
+Per block, ``config.json`` records the loss of the first and last epoch, the block output
+error before and after training, and the clip factors, LET and Q/K scale ranges.
 """
 
 from __future__ import annotations
@@ -41,11 +56,14 @@ from ..models import Adapter
 from ..nn import QuantLinear
 from ..nn.attention import attention_modules, enable, set_qkv
 from .base import LayerReport, Method, MethodResult, relative_error
-from .sequential import BlockInputs, block_forward, block_generator, run_sequential
+from .blocktrain import epoch_order, freeze_except, keep_freed_memory, output_of, summary, train_autocast
+from .sequential import BlockInputs, block_forward, run_sequential
 from .smoothing import Pair, absmax, fold_producer, input_range, pairs, smooth_scales, weight_absmax
 
 LWC_INIT = 4.0
 DC_FIRST, DC_LAST = 3, 4  # blocks i <= 2 and i >= L - 4
+LOSSES = ("official", "mse")
+KLS = ("official", "true", "none")
 
 
 def default_epochs(config: QuantConfig) -> int:
@@ -78,11 +96,33 @@ class LETParams(nn.Module):
     def __init__(self, pair: Pair, scale: torch.Tensor, shift: torch.Tensor | None):
         super().__init__()
         self.pair = pair
+        self.init = scale.detach().clone()
         self.scale = nn.Parameter(scale.clone())
         self.shift = nn.Parameter(shift.clone()) if shift is not None else None
 
     def s(self) -> torch.Tensor:
         return self.scale.clamp_min(1e-5)
+
+
+class QKScale(nn.Module):
+    """The Q/K equivalent transform: per key channel ``s`` (init 1); K rows × s, Q rows ÷ s
+    (each query head divided by the s of the key/value head it reads)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, rep: int, rope: bool):
+        super().__init__()
+        self.rep, self.rope = rep, rope
+        self.scale = nn.Parameter(torch.ones(kv_heads, head_dim // 2 if rope else head_dim))
+
+    def full(self) -> torch.Tensor:
+        """``[kv_heads, head_dim]``; with RoPE the two rotated halves share their s."""
+        s = self.scale.clamp_min(1e-5)
+        return torch.cat([s, s], -1) if self.rope else s
+
+    def k_rows(self) -> torch.Tensor:
+        return self.full().reshape(-1)
+
+    def q_rows(self) -> torch.Tensor:
+        return (1 / self.full()).repeat_interleave(self.rep, 0).reshape(-1)
 
 
 class LETNorm(nn.Module):
@@ -103,8 +143,9 @@ class LETNorm(nn.Module):
 
 class ABQLinear(nn.Module):
     """A linear trained by ABQ-LLM: the effective weight
-    ``((W + a·bᵀ) · s_in) / s_out`` is fake-quantized with learned clipping, the input with
-    the dynamic activation quantizer (straight-through rounding everywhere)."""
+    ``diag(r) · ((W + a·bᵀ) · s_in) / s_out`` (r: the Q/K row scales) is fake-quantized with
+    learned clipping, the input with the dynamic activation quantizer (straight-through
+    rounding everywhere)."""
 
     def __init__(self, linear: nn.Linear, spec: FormatSpec, act: ActSpec, lwc: bool, dc: bool):
         super().__init__()
@@ -119,6 +160,10 @@ class ABQLinear(nn.Module):
         self.dc_b = nn.Parameter(torch.ones(1, k)) if dc else None
         self.let_in: list[LETParams] = []  # this layer consumes the pair's output
         self.let_out: list[LETParams] = []  # this layer produces the pair's input (v_proj, up_proj)
+        self.row_scales: list = []  # callables giving a per-output-row factor (the Q/K transform)
+        # shared by the linears of one block: layers that read the same input (q/k/v,
+        # gate/up) quantize it once per step
+        self.act_cache: dict | None = None
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = self.weight
@@ -134,6 +179,11 @@ class ABQLinear(nn.Module):
             w = w / let.s().unsqueeze(1)
             if b is not None:
                 b = b / let.s()
+        for rows in self.row_scales:
+            r = rows()
+            w = w * r.unsqueeze(1)
+            if b is not None:
+                b = b * r
         return w, b
 
     def clip_params(self, w: torch.Tensor):
@@ -142,6 +192,17 @@ class ABQLinear(nn.Module):
         beta = self.beta if self.beta is not None else ones
         return clipped_params(w, self.spec, gamma, beta)
 
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        cache = self.act_cache
+        if cache is not None:
+            hit = cache.get(id(x))
+            if hit is not None and hit[0] is x and hit[1] == self.act:
+                return hit[2]
+        xq = fake_quantize(x, self.act, ste=True)
+        if cache is not None:
+            cache[id(x)] = (x, self.act, xq)
+        return xq
+
     def forward(self, x):
         w, b = self.effective()
         s, z = self.clip_params(w)
@@ -149,7 +210,7 @@ class ABQLinear(nn.Module):
         se, ze = expand_groups(s, self.spec.group_size, k), expand_groups(z, self.spec.group_size, k)
         hi = (1 << self.spec.bits) - 1 if self.spec.sym else self.spec.qmax
         wq = (torch.clamp(round_ste(w / se) + ze, 0, hi) - ze) * se
-        return F.linear(fake_quantize(x, self.act, ste=True), wq, b)
+        return F.linear(self.quant_input(x), wq, b)
 
     @torch.no_grad()
     def export(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
@@ -164,14 +225,44 @@ class ABQLinear(nn.Module):
         return get_format(self.spec.format).pack(codes, s16, z, self.spec), w, b
 
 
-def _kl_maps(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Mean over query positions of KL(p‖q) for row-stochastic ``[B, T, T]`` maps."""
+def kl_official(p_fp: torch.Tensor, p_q: torch.Tensor) -> torch.Tensor:
+    """The official ABQ-LLM attention term: ``KLDivLoss(reduction="mean")`` between the
+    softmaxes of the head-averaged probability maps, in both directions:
+    ``mean(q·(log q − log f)) + mean(f·(log f − log q))`` with ``f, q`` the softmaxes of
+    the float and quantized maps (written with log-softmaxes: no ``xlogy``, one pass each)."""
+    lf, lq = F.log_softmax(p_fp, -1), F.log_softmax(p_q, -1)
+    d = lq - lf
+    n = d.numel()
+    return (torch.exp(lq) * d).sum().abs() / n + (torch.exp(lf) * d).sum().abs() / n
+
+
+def kl_true(p_fp: torch.Tensor, p_q: torch.Tensor) -> torch.Tensor:
+    """KL of the maps themselves, both directions, each the mean over query positions of
+    ``Σ_k p log(p/q)`` (row-stochastic ``[B, T, T]`` maps)."""
     eps = 1e-10
-    return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(-1).mean()
+    lp, lq = torch.log(p_fp + eps), torch.log(p_q + eps)
+    return (p_fp * (lp - lq)).sum(-1).mean().abs() + (p_q * (lq - lp)).sum(-1).mean().abs()
 
 
 def _neg_log_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -torch.log(F.cosine_similarity(a, b, dim=-1).mean().abs() + 1e-8)
+
+
+def _qk_transform(adapter: Adapter, block: nn.Module) -> tuple[str, str, QKScale] | None:
+    """The Q/K transform for ``block``'s attention, or None where it would not be exact."""
+    attn = attention_modules(block)
+    if len(attn) != 1 or hasattr(attn[0], "q_norm") or hasattr(attn[0], "k_norm"):
+        return None
+    names = [n for n in adapter.linear_names() if n.endswith(("q_proj", "k_proj"))]
+    if len(names) != 2:
+        return None
+    qn, kn = sorted(names, key=lambda n: not n.endswith("q_proj"))
+    q, k = block.get_submodule(qn), block.get_submodule(kn)
+    head_dim = getattr(attn[0], "head_dim", None)
+    if not head_dim or k.out_features % head_dim or q.out_features % k.out_features:
+        return None
+    rope = any("rotary" in e for e in adapter.embed)
+    return qn, kn, QKScale(k.out_features // head_dim, head_dim, q.out_features // k.out_features, rope)
 
 
 class ABQ(Method):
@@ -180,31 +271,37 @@ class ABQ(Method):
     supports_act = True
 
     def validate(self, config: QuantConfig) -> None:
-        for key in ("epochs",):
-            if int(config.options.get(key, 1)) < 0:
-                raise AnybitError(f"--{key} must be >= 0")
+        opts = config.options
+        if int(opts.get("epochs", 1)) < 0 or int(opts.get("batch", 1)) < 1:
+            raise AnybitError("--epochs must be >= 0 and --batch >= 1")
+        if opts.get("loss", "official") not in LOSSES:
+            raise AnybitError(f"abq loss must be one of {', '.join(LOSSES)}, got {opts['loss']!r}")
+        if opts.get("kl", "official") not in KLS:
+            raise AnybitError(f"abq kl must be one of {', '.join(KLS)}, got {opts['kl']!r}")
         super().validate(config)
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
             run_key: str = "") -> MethodResult:
+        keep_freed_memory()
         opts = config.options
-        use_let, use_lwc, use_dc = (bool(opts.get(k, True)) for k in ("let", "lwc", "dc"))
+        use_let, use_lwc, use_dc, use_qk = (bool(opts.get(k, True)) for k in ("let", "lwc", "dc", "qk"))
         epochs = int(opts.get("epochs", default_epochs(config)))
         lr_let, lr_lwc, lr_dc = (float(opts.get(k, d)) for k, d in (("lr_let", 5e-3), ("lr_lwc", 1e-2), ("lr_dc", 1e-2)))
         batch = int(opts.get("batch", 1))
+        amp = bool(opts.get("amp", True))
+        loss_kind, kl_kind = str(opts.get("loss", "official")), str(opts.get("kl", "official"))
         qkv = ActSpec(config.abits, -1, False) if config.abits < 16 and bool(opts.get("qkv", True)) else None
         n_blocks = len(adapter.get_blocks(model))
         enable(model)  # attention through anybit's function: Q/K/V quantization and map capture
 
         def run_block(block, hidden, kwargs, maps: bool):
-            """Outputs (and head-averaged maps) of ``block`` on ``hidden``, with gradients."""
+            """Outputs (and head-averaged maps) of ``block`` on ``hidden``."""
             attn = attention_modules(block)
             if maps:
                 for m in attn:
                     m.anybit_maps = []
             try:
-                y = block(hidden, **kwargs)
-                y = y[0] if isinstance(y, tuple) else y
+                y = output_of(block(hidden, **kwargs))
                 p = torch.cat([torch.stack(m.anybit_maps).mean(0) for m in attn]) if maps else None
             finally:
                 for m in attn:
@@ -212,14 +309,20 @@ class ABQ(Method):
             return y, p
 
         def float_maps(block, hidden, kwargs) -> torch.Tensor:
-            with torch.no_grad():
-                return torch.cat([run_block(block, hidden[s: s + 1], kwargs, True)[1] for s in range(hidden.shape[0])])
+            n, t = hidden.shape[:2]
+            out = torch.empty(n, t, t, dtype=torch.bfloat16 if amp else torch.float32)
+            with torch.no_grad(), train_autocast(amp):
+                for s in range(n):
+                    out[s: s + 1] = run_block(block, hidden[s: s + 1], kwargs, True)[1]
+            return out
 
-        def process(i: int, block: nn.Module, inputs: BlockInputs, forward) -> list[LayerReport]:
+        def process(i: int, block: nn.Module, inputs: BlockInputs, forward):
             dc_block = use_dc and (i < DC_FIRST or i >= n_blocks - DC_LAST)
             y_fp = inputs.fp_out
-            y_fp2 = forward(block)  # the float block on the quantized chain
-            p_fp = float_maps(block, inputs.fp_hidden, inputs.kwargs) if dc_block else None
+            official = loss_kind == "official"
+            y_fp2 = forward(block) if official else None  # the float block on the quantized chain
+            want_maps = official and kl_kind != "none" and epochs > 0
+            p_fp = float_maps(block, inputs.fp_hidden, inputs.kwargs) if want_maps else None
             linears = adapter.get_linears(block)
             names = {n: f"{adapter.blocks}.{i}.{n}" for n in linears}
             specs = {n: self.layer_spec(config, names[n]) for n in linears}
@@ -236,12 +339,15 @@ class ABQ(Method):
                         rng = (rng[0] - shift, rng[1] - shift)
                     scale = smooth_scales(p.reduce(absmax(rng)), weight_absmax(block, p), 0.5)
                     lets.append(LETParams(p, scale, shift))
+            qk = _qk_transform(adapter, block) if use_let and use_qk else None
             wrapped: dict[str, ABQLinear] = {}
+            act_cache: dict = {}
             for n, lin in linears.items():
                 if specs[n] is None:
                     continue
                 wrapped[n] = ABQLinear(lin, specs[n], self.layer_act(config, names[n]), use_lwc,
                                        dc_block and n == adapter.sequential[-1][0])
+                wrapped[n].act_cache = act_cache
             norms = {}
             for let in lets:
                 p = let.pair
@@ -253,53 +359,100 @@ class ABQ(Method):
                     block.set_submodule(p.producer, LETNorm(norms[p.producer], let))
                 elif p.producer in wrapped:
                     wrapped[p.producer].let_out.append(let)
+            if qk is not None and not (qk[0] in wrapped and qk[1] in wrapped):
+                qk = None  # a skipped q or k layer cannot absorb its half of the transform
+            if qk is not None:
+                wrapped[qk[0]].row_scales.append(qk[2].q_rows)
+                wrapped[qk[1]].row_scales.append(qk[2].k_rows)
             for n, w in wrapped.items():
                 block.set_submodule(n, w)
             if qkv is not None:
                 for m in attention_modules(block):
                     m.anybit_qkv = qkv
-            for prm in block.parameters():
-                prm.requires_grad_(False)
-            groups = []
             let_params = [p for let in lets for p in (let.scale, let.shift) if p is not None]
+            let_params += [qk[2].scale] if qk is not None else []
             lwc_params = [p for w in wrapped.values() for p in (w.gamma, w.beta) if p is not None]
             dc_params = [p for w in wrapped.values() for p in (w.dc_a, w.dc_b) if p is not None]
-            for params, lr in ((let_params, lr_let), (lwc_params, lr_lwc), (dc_params, lr_dc)):
-                for p in params:
-                    p.requires_grad_(True)
-                if params:
-                    groups.append({"params": params, "lr": lr})
+            freeze_except(block, let_params + lwc_params + dc_params)
+            groups = [{"params": ps, "lr": lr} for ps, lr in
+                      ((let_params, lr_let), (lwc_params, lr_lwc), (dc_params, lr_dc)) if ps]
+
+            def step_loss(idx) -> torch.Tensor:
+                act_cache.clear()
+                y, p_q = run_block(block, inputs.hidden[idx], inputs.kwargs, want_maps)
+                y = y.float()
+                if not official:
+                    return F.mse_loss(y, y_fp[idx])
+                loss = (F.mse_loss(y, y_fp[idx]) + F.mse_loss(y, y_fp2[idx])
+                        + _neg_log_cos(y, y_fp[idx]) + _neg_log_cos(y, y_fp2[idx]))
+                if p_q is not None:
+                    loss = loss + (kl_official if kl_kind == "official" else kl_true)(p_fp[idx].float(), p_q.float())
+                return loss
+
+            def quantized_error() -> float:
+                act_cache.clear()
+                return relative_error(y_fp, block_forward(block, inputs.hidden, inputs.kwargs))
+
             n = inputs.hidden.shape[0]
+            err_before = quantized_error()
+            losses = []
             if groups and epochs:
                 opt = torch.optim.AdamW(groups, weight_decay=0.0)
                 for epoch in range(epochs):
-                    order = torch.randperm(n, generator=block_generator(config.seed, i, epoch))
+                    total = 0.0
+                    order = epoch_order(n, config.seed, i, epoch)
                     for s in range(0, n, batch):
-                        idx = order[s: s + batch]
-                        y, p_q = run_block(block, inputs.hidden[idx], inputs.kwargs, dc_block)
-                        loss = F.mse_loss(y, y_fp[idx])
-                        if dc_block:
-                            loss = (loss + _kl_maps(p_fp[idx], p_q).abs() + _kl_maps(p_q, p_fp[idx]).abs()
-                                    + F.mse_loss(y, y_fp2[idx]) + _neg_log_cos(y, y_fp[idx]) + _neg_log_cos(y, y_fp2[idx]))
+                        with train_autocast(amp):
+                            loss = step_loss(order[s: s + batch])
                         if not torch.isfinite(loss):
                             raise AnybitError(f"abq: the loss of block {i} is not finite; lower the learning rates")
                         opt.zero_grad()
                         loss.backward()
                         opt.step()
+                        total += loss.item()
+                    losses.append(total / -(-n // batch))
+            act_cache.clear()
+            stats = self.block_stats(wrapped, lets, qk[2] if qk is not None else None)
             # fold the learned transforms for good, then pack
             with torch.no_grad():
-                for n, w in wrapped.items():
+                for n_, w in wrapped.items():
                     packed, weff, beff = w.export()
-                    block.set_submodule(n, QuantLinear.from_packed(packed, w.spec, tuple(weff.shape), beff, act=w.act))
+                    block.set_submodule(n_, QuantLinear.from_packed(packed, w.spec, tuple(weff.shape), beff, act=w.act))
                 for name, norm in norms.items():
                     block.set_submodule(name, norm)
                 for let in lets:
                     if let.pair.producer_is_norm:
                         fold_producer(block.get_submodule(let.pair.producer), let.pair, let.s(), let.shift)
                 err = relative_error(y_fp, block_forward(block, inputs.hidden, inputs.kwargs))
-            return [LayerReport(names[n], w.spec, err) for n, w in wrapped.items()]
+            stats.update(error_before=err_before, error_after=err, steps=epochs * -(-n // batch) if groups else 0,
+                         loss_first_epoch=losses[0] if losses else None, loss_last_epoch=losses[-1] if losses else None,
+                         postfix=f"err {err_before:.3e}->{err:.3e}"
+                                 + (f" loss {losses[0]:.3g}->{losses[-1]:.3g}" if losses else ""))
+            return [LayerReport(names[n_], w.spec, err) for n_, w in wrapped.items()], stats
 
         result = run_sequential(model, adapter, calibration, process, run_dir, run_key, desc=f"abq-{config.scheme}",
                                 progress=progress, fp_chain=True)
         set_qkv(model, qkv)
         return result
+
+    @staticmethod
+    def block_stats(wrapped: dict[str, ABQLinear], lets: list[LETParams], qk: QKScale | None) -> dict:
+        """Where the trained parameters ended: clip factors σ(γ), σ(β); LET scales and their
+        ratio to the initial ones; Q/K scales; the largest DC term."""
+        out: dict = {}
+        with torch.no_grad():
+            g = [torch.sigmoid(w.gamma).flatten() for w in wrapped.values() if w.gamma is not None]
+            b = [torch.sigmoid(w.beta).flatten() for w in wrapped.values() if w.beta is not None]
+            if g:
+                out["clip_gamma"] = summary(torch.cat(g))
+            if b:
+                out["clip_beta"] = summary(torch.cat(b))
+            if lets:
+                out["let_scale"] = summary(torch.cat([let.s().flatten() for let in lets]))
+                out["let_ratio"] = summary(torch.cat([(let.s() / let.init.clamp_min(1e-5)).flatten() for let in lets]))
+            if qk is not None:
+                out["qk_scale"] = summary(qk.full())
+            dc = [w.dc_a.abs().max() for w in wrapped.values() if w.dc_a is not None]
+            if dc:
+                out["dc_a_abs_max"] = float(max(dc))
+        return out

@@ -8,7 +8,16 @@ with a straight-through estimator for the rounding; only Γ is trained, by Adam,
 
     L(Γ) = ‖F(W, X) − F(W̃(Γ), X)‖² + (λ/2)‖Γ‖²
 
-where F is the decoder block and X its inputs (outputs of the already-quantized blocks).
+where F is the decoder block and X its inputs (outputs of the already-quantized blocks),
+both norms squared Frobenius norms, i.e. sums (a mean-form data term would make λ
+B·T·D ≈ 3×10⁵ times stronger on a SmolLM2 block and pin Γ at 0). Batch 1 (one window per
+Adam step), as the paper; ``amp`` (default on) runs the steps under bfloat16 autocast
+(:mod:`anybit.methods.blocktrain`).
+``guard``: rounding flips make the loss piecewise constant in Γ, so training can raise
+the block error; ``end`` (default) keeps Γ = 0 if the block error after the last epoch is
+above the untrained one, ``best`` keeps the best epoch (one extra block pass per epoch),
+``none`` keeps the last Γ. Per block, ``config.json`` records the block output error
+before and after, mean and max |Γ|, the steps run and the epoch kept.
 ``steps``: ``init`` (step 1 only), ``refine`` (step 2 from the plain base scale s0),
 ``both`` (default), ``none`` (base scale, no tuning: the ablation's first row).
 Defaults from the paper: lr 1e-3, λ 0.1, 10 epochs at 3 bits, 40 at 2 bits.
@@ -31,10 +40,13 @@ from ..config import QuantConfig
 from ..errors import AnybitError
 from ..formats import FormatSpec, get_format
 from ..formats import pot
+from ..formats.base import grouped
 from ..models import Adapter
 from ..nn import QuantLinear
+from ..nn.attention import enable as enable_attention
 from .base import LayerReport, Method, MethodResult, quantize_layers_data_free, relative_error
-from .sequential import BlockInputs, block_forward, block_generator, run_sequential
+from .blocktrain import epoch_order, freeze_except, keep_freed_memory, output_of, train_autocast
+from .sequential import BlockInputs, block_forward, run_sequential
 
 _DEBUG = bool(os.environ.get("ANYBIT_DEBUG"))
 STEPS = ("none", "init", "refine", "both")
@@ -48,17 +60,50 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _ScaleTimesLevels(torch.autograd.Function):
+    """``W̃ = expand(Ŝ) ⊙ P`` for per-group scales ``Ŝ [N, G]`` and fixed levels
+    ``P [N, G, g]`` (sign·2^e, 0 for the zero level and for padding); the gradient to Ŝ is
+    ``Σ_group dW̃ ⊙ P ⊙ mask`` (mask: which weights pass gradient), without autograd
+    keeping the intermediates of the elementwise graph."""
+
+    @staticmethod
+    def forward(ctx, s_hat, levels, grad_mask, k: int):
+        ctx.save_for_backward(levels if grad_mask is None else levels * grad_mask)
+        ctx.k = k
+        n, g, gs = levels.shape
+        return (s_hat.unsqueeze(-1) * levels).reshape(n, g * gs)[:, :k]
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        (levels,) = ctx.saved_tensors
+        n, g, gs = levels.shape
+        pad = g * gs - ctx.k
+        if pad:
+            grad_w = F.pad(grad_w, (0, pad))
+        return (grad_w.reshape(n, g, gs) * levels).sum(-1), None, None, None
+
+
 class PoTFakeLinear(nn.Module):
-    """A linear whose weight is PoT-quantized on the fly from ``Ŝ = S ⊙ (1 + Γ)`` (training only)."""
+    """A linear whose weight is PoT-quantized on the fly from ``Ŝ = S ⊙ (1 + Γ)`` (training only).
+
+    ``log2|w|`` and ``sign(w)`` are computed once (the weight is frozen); a step recomputes
+    the exponents ``e = clamp(round(log2|w| − log2 Ŝ), 0, E)`` (what :func:`pot.encode`
+    does) and ``W̃ = Ŝ · sign · 2^e``."""
 
     def __init__(self, linear: nn.Linear, scales: torch.Tensor, spec: FormatSpec, straight_through: str = "scale"):
         super().__init__()
         self.straight_through = straight_through
-        self.weight = linear.weight.detach().float()
+        w = linear.weight.detach().float()
+        self.k = w.shape[1]
         self.bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("scales", scales.float())
         self.gamma = nn.Parameter(torch.zeros_like(self.scales))
         self.spec = spec
+        wg, mask = grouped(w, spec.group_size)  # [N, G, g], NaN padding
+        wg = torch.where(mask, wg, 0.0)
+        self.log_abs = torch.log2(wg.abs().clamp_min(1e-30))
+        # pot maps w = 0 to +s (no zero level); padding gets sign 0, so it contributes nothing
+        self.sign = torch.where(wg < 0, -1.0, 1.0) * mask
 
     def current_scales(self) -> torch.Tensor:
         return self.scales * (1 + self.gamma)
@@ -68,18 +113,17 @@ class PoTFakeLinear(nn.Module):
         the product with the exponent held fixed (``straight_through="scale"``, default). A
         straight-through estimator on the rounding of ``log2(|w|/Ŝ)`` instead
         (``"log"``) makes ``Ŝ·2^ẽ = |w|`` to first order, so the two gradient paths cancel
-        and only clamped weights (e = 0 or e = E) move Ŝ: measured in docs/potptq.md."""
-        k = self.weight.shape[1]
-        s = pot.expand_groups(self.current_scales(), self.spec.group_size, k)
-        mag = (self.weight.abs() / s).clamp_min(1e-30)
-        if self.straight_through == "log":
-            e = round_ste(torch.log2(mag)).clamp(0, pot.top_exponent(self.spec))
-        else:
-            e = torch.round(torch.log2(mag)).clamp(0, pot.top_exponent(self.spec)).detach()
-        w = s * torch.sign(self.weight).where(self.weight != 0, torch.ones_like(self.weight)) * torch.exp2(e)
-        if pot.has_zero(self.spec):
-            w = torch.where(mag.detach() < 0.5, 0.0, w)
-        return w
+        and only clamped weights (rounded exponent outside 0..E) move Ŝ: measured in
+        docs/potptq.md."""
+        s_hat = self.current_scales()
+        with torch.no_grad():
+            r = torch.round(self.log_abs - torch.log2(s_hat.clamp_min(1e-30)).unsqueeze(-1))
+            top = pot.top_exponent(self.spec)
+            levels = self.sign * torch.exp2(r.clamp(0, top))
+            if pot.has_zero(self.spec):  # |w|/Ŝ < 1/2, i.e. log2 < −1: the zero level
+                levels = torch.where(self.log_abs - torch.log2(s_hat).unsqueeze(-1) < -1, 0.0, levels)
+            grad_mask = ((r < 0) | (r > top)).float() if self.straight_through == "log" else None
+        return _ScaleTimesLevels.apply(s_hat, levels, grad_mask, self.k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.fake_weight().to(x.dtype), self.bias)
@@ -103,6 +147,10 @@ class PoTPTQ(Method):
             raise AnybitError(f"zero_level must be true or false, got {config.options['zero_level']!r}")
         if config.options.get("straight_through", "scale") not in ("scale", "log"):
             raise AnybitError("straight_through must be 'scale' or 'log'")
+        if config.options.get("guard", "end") not in ("end", "best", "none"):
+            raise AnybitError("guard must be 'end', 'best' or 'none'")
+        if int(config.options.get("epochs", 1)) < 0 or int(config.options.get("batch", 1)) < 1:
+            raise AnybitError("--epochs must be >= 0 and --batch >= 1")
         super().validate(config)
 
     def initial_scales(self, w: torch.Tensor, spec: FormatSpec, config: QuantConfig) -> torch.Tensor:
@@ -122,13 +170,18 @@ class PoTPTQ(Method):
                     get_format(spec.format).quantize(lin.weight.data.float(), spec, scales=self.initial_scales(lin.weight.data, spec, config)),
                     spec, tuple(lin.weight.shape), lin.bias.data if lin.bias is not None else None),
                 f"potptq-{steps}", progress)
+        keep_freed_memory()
+        enable_attention(model)  # the training steps use anybit's causal attention (faster backward)
         lr = float(config.options.get("lr", 1e-3))
         lam = float(config.options.get("lambda", 0.1))
         epochs = int(config.options.get("epochs", default_epochs(config.wbits)))
         batch = int(config.options.get("batch", 1))  # one window per Adam step, as the paper (OmniQuant-style)
+        amp = bool(config.options.get("amp", True))
+        guard = str(config.options.get("guard", "end"))
+        straight_through = str(config.options.get("straight_through", "scale"))
 
-        def process(i: int, block: nn.Module, inputs: BlockInputs, forward) -> list[LayerReport]:
-            target = block_forward(block, inputs.hidden, inputs.kwargs, batch=batch)
+        def process(i: int, block: nn.Module, inputs: BlockInputs, forward):
+            target = forward(block)
             fakes: dict[str, PoTFakeLinear] = {}
             originals = {}
             for name, lin in adapter.get_linears(block).items():
@@ -136,43 +189,50 @@ class PoTPTQ(Method):
                 if spec is None:
                     continue
                 fakes[name] = PoTFakeLinear(lin, self.initial_scales(lin.weight.data, spec, config), spec,
-                                            str(config.options.get("straight_through", "scale")))
+                                            straight_through)
                 originals[name] = lin
                 block.set_submodule(name, fakes[name])
             params = [f.gamma for f in fakes.values()]
-            for p in block.parameters():
-                p.requires_grad_(False)
-            for p in params:
-                p.requires_grad_(True)
+            freeze_except(block, params)
             opt = torch.optim.Adam(params, lr=lr)
             n = inputs.hidden.shape[0]
 
-            def block_loss() -> float:
-                with torch.no_grad():
+            def block_error(precise: bool) -> float:
+                with torch.no_grad(), train_autocast(amp and not precise):
                     return relative_error(target, block_forward(block, inputs.hidden, inputs.kwargs, batch=batch))
 
-            # Rounding flips make the loss piecewise constant in Γ and the straight-through
-            # gradient blind to the flips, so an Adam epoch can raise the block error
-            # (measured in docs/potptq.md); keep the Γ of the best epoch (epoch 0 = no tuning).
-            best_err = err0 = block_loss()
-            best = [p.detach().clone() for p in params]
+            err0 = block_error(precise=True)  # the block after step 1 (Γ = 0), in float32
+            best_err = None
+            if guard != "none":  # compared in the training precision
+                best_err = block_error(False) if amp else err0
+            best, best_epoch = [p.detach().clone() for p in params], 0
+            losses = []
             for epoch in range(epochs):
-                order = torch.randperm(n, generator=block_generator(config.seed, i, epoch))
+                total = 0.0
                 for s in range(0, n, batch):
-                    idx = order[s: s + batch]
-                    y = block(inputs.hidden[idx], **inputs.kwargs)
-                    y = y[0] if isinstance(y, tuple) else y
-                    mse = F.mse_loss(y, target[idx])
-                    loss = mse + lam / 2 * sum((p ** 2).sum() for p in params)
+                    idx = epoch_order(n, config.seed, i, epoch)[s: s + batch]
+                    with train_autocast(amp):
+                        y = output_of(block(inputs.hidden[idx], **inputs.kwargs))
+                    # Eq. (the paper's loss): squared Frobenius norms, both as sums; a mean-form
+                    # data term next to a sum-form regulariser makes λ B·T·D times stronger
+                    data = (y.float() - target[idx]).pow(2).sum()
+                    loss = data + lam / 2 * sum((p ** 2).sum() for p in params)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                err = block_loss()
-                if err < best_err:
-                    best_err, best = err, [p.detach().clone() for p in params]
+                    total += data.item()
+                losses.append(total / n)
+                if guard == "best" or (guard == "end" and epoch == epochs - 1):
+                    err = block_error(False)
+                    if err < best_err:
+                        best_err, best, best_epoch = err, [p.detach().clone() for p in params], epoch + 1
+            if guard == "none":
+                best_epoch = epochs
             with torch.no_grad():
-                for p, b in zip(params, best):
-                    p.copy_(b)
+                if guard != "none":
+                    for p, b in zip(params, best):
+                        p.copy_(b)
+                gammas = torch.cat([p.detach().abs().flatten() for p in params]) if params else torch.zeros(1)
             reports = []
             with torch.no_grad():
                 for name, fake in fakes.items():
@@ -185,13 +245,18 @@ class PoTPTQ(Method):
                     block.set_submodule(name, q)
                     reports.append(LayerReport(f"{adapter.blocks}.{i}.{name}", spec, 0.0))
             # every layer of the block reports the block's relative output error after tuning
-            out = block_forward(block, inputs.hidden, inputs.kwargs, batch=batch)
-            block_err = relative_error(target, out)
+            block_err = relative_error(target, forward(block))
             for r in reports:
                 r.error = block_err
+            stats = {"error_before": err0, "error_after": block_err, "steps": epochs * -(-n // batch),
+                     "gamma_abs_mean": float(gammas.mean()), "gamma_abs_max": float(gammas.max()),
+                     "loss_first_epoch": losses[0] if losses else None, "loss_last_epoch": losses[-1] if losses else None,
+                     "kept_epoch": best_epoch,
+                     "postfix": f"err {err0:.3e}->{block_err:.3e} |G| {float(gammas.mean()):.2e}"}
             if _DEBUG:
-                print(f"potptq block {i}: output error {err0:.4e} -> {block_err:.4e}", file=sys.stderr)
-            return reports
+                print(f"potptq block {i}: output error {err0:.4e} -> {block_err:.4e}, mean |Γ| {stats['gamma_abs_mean']:.3e}",
+                      file=sys.stderr)
+            return reports, stats
 
         return run_sequential(model, adapter, calibration, process, run_dir, run_key, desc=f"potptq-{steps}",
                               progress=progress, batch=batch)

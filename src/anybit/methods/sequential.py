@@ -202,7 +202,9 @@ def _restore_block(block: nn.Module, block_prefix: str, layers: dict, state: dic
     block.load_state_dict(state)
 
 
-BlockFn = Callable[[int, nn.Module, BlockInputs, Callable[[nn.Module], BlockInputs]], list[LayerReport]]
+# returns the block's layer reports, or (reports, statistics of the block's training)
+BlockFn = Callable[[int, nn.Module, BlockInputs, Callable[[nn.Module], BlockInputs]],
+                   "list[LayerReport] | tuple[list[LayerReport], dict]"]
 
 
 def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, process_block: BlockFn,
@@ -211,7 +213,8 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
     """Drive ``process_block(i, block, inputs, forward)`` over the decoder blocks in order.
 
     ``process_block`` quantizes ``block`` in place (replacing linears by QuantLinear) and
-    returns its layer reports; ``forward(block)`` recomputes a block's outputs on the
+    returns its layer reports (and optionally a dict of statistics of the block, collected
+    in ``result.extra["blocks"]``); ``forward(block)`` recomputes a block's outputs on the
     current inputs when the method needs them. With ``run_dir``, progress is saved after
     every block and a previous run with the same ``key`` resumes. With ``fp_chain`` the
     float model's activations are carried along too (:class:`BlockInputs`).
@@ -231,6 +234,8 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
         for i in range(start):
             _restore_block(blocks[i], f"{adapter.blocks}.{i}", layers, folder.load_block(i))
         result.layers = [LayerReport(r["name"], FormatSpec.from_dict(r["spec"]), r["error"]) for r in prog["reports"]]
+        if prog.get("blocks"):
+            result.extra["blocks"] = prog["blocks"]
     where = run_dir if folder else None
     if fp_chain:
         inputs.fp_hidden = alloc_acts(tuple(inputs.hidden.shape), where, "acts_fp_a")
@@ -249,8 +254,15 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
         if fp_chain:  # the float block's outputs, before the method changes it
             block_forward(block, inputs.fp_hidden, inputs.kwargs, out=inputs.fp_out, batch=batch)
         reports = process_block(i, block, inputs, lambda b: block_forward(b, inputs.hidden, inputs.kwargs, batch=batch))
+        postfix = None
+        if isinstance(reports, tuple):  # (reports, statistics of the block's training)
+            reports, stats = reports
+            postfix = stats.pop("postfix", None)
+            result.extra.setdefault("blocks", []).append({"block": i, **stats})
         result.layers.extend(reports)
-        if reports:
+        if postfix:
+            it.set_postfix_str(postfix, refresh=False)
+        elif reports:
             worst = max(reports, key=lambda r: r.error)
             it.set_postfix(err=f"{sum(r.error for r in reports) / len(reports):.2e}",
                            worst=worst.name.split(".")[-1], refresh=False)
@@ -264,7 +276,8 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
                     layers[f"{adapter.blocks}.{i}.{lname}"] = {**m.spec.to_dict(), "act": m.act.to_dict()}
             folder.save_block(i, block, inputs.hidden, {
                 "key": key, "done": i + 1, "layers": layers,
-                "reports": [{"name": r.name, "spec": r.spec.to_dict(), "error": r.error} for r in result.layers]},
+                "reports": [{"name": r.name, "spec": r.spec.to_dict(), "error": r.error} for r in result.layers],
+                "blocks": result.extra.get("blocks", [])},
                 fp_next=inputs.fp_hidden if fp_chain else None)
         if i == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)

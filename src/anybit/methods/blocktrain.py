@@ -1,0 +1,84 @@
+"""What the block-trained methods (PoTPTQ step 2, ABQ-LLM) share: the training precision,
+the epoch order, and per-block statistics.
+
+**Precision.** The official ABQ-LLM (and OmniQuant) code trains under CUDA AMP
+(``torch.cuda.amp.autocast``: matmuls in float16, losses in float32). The CPU analogue is
+``torch.autocast("cpu", torch.bfloat16)``: the linears run as bfloat16 GEMMs with float32
+accumulation (2.4x the float32 GEMM rate on AVX512-BF16 CPUs, docs/training.md), norms,
+softmax and losses stay in float32. Only the training steps use it; the block outputs
+that feed the next block and every reported error are computed in float32.
+``amp=false`` trains in float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .sequential import block_generator
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_allocator_tuned = False
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc reuse freed blocks instead of returning them to the OS.
+
+    A training step allocates and frees hundreds of 1-16 MB tensors; with glibc's defaults
+    each one is a fresh ``mmap`` whose pages fault in on first touch, which made the
+    elementwise work of a step 2-5x slower than the arithmetic (measured in
+    docs/training.md). Raising the mmap threshold to its maximum (32 MiB) and the trim
+    threshold to 512 MiB keeps them on the heap. Process-wide and harmless elsewhere; a
+    no-op where the C library has no ``mallopt``.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return
+    _allocator_tuned = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+def train_autocast(enabled: bool):
+    """The mixed-precision context of a training step (see the module docstring)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def output_of(y) -> torch.Tensor:
+    """A decoder block's hidden states (blocks return a tensor or a tuple)."""
+    return y[0] if isinstance(y, tuple) else y
+
+
+def epoch_order(n: int, seed: int, block: int, epoch: int) -> torch.Tensor:
+    """The window order of one epoch: shuffled (the official ABQ-LLM code walks the windows in
+    order), from a fixed stream per (seed, block, epoch) so that a resumed run draws what an
+    uninterrupted one draws."""
+    return torch.randperm(n, generator=block_generator(seed, block, epoch))
+
+
+def freeze_except(block: nn.Module, params: list[torch.Tensor]) -> None:
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+
+def summary(t: torch.Tensor) -> dict[str, float]:
+    """min / mean / max of a tensor, as plain floats for config.json."""
+    t = t.detach().float()
+    return {"min": _r(t.min()), "mean": _r(t.mean()), "max": _r(t.max())}
+
+
+def _r(x) -> float:
+    v = float(x)
+    return v if not math.isfinite(v) else float(f"{v:.6g}")
