@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize the output head with RTN at this many bits (default 0: keep it float)")
     q.add_argument("--damp-percent", type=float, default=None, help="GPTQ dampening (default 0.01)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--order", default=None, choices=["none", "act", "gar"],
+                   help="GPTQ: column order: natural (default), act-order, or group-aware reordering")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the float weight")
     q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: quantize a block's linears together")
     q.add_argument("--intermediate-bits", type=int, default=None, help="GPTQT: bit width of step 1 (default --wbits + 3, at most 8)")
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-qkv", action="store_true", help="ABQ-LLM: keep Q/K/V in float (default: quantized at --abits)")
     q.add_argument("--a8-layers", type=int, default=None,
                    help="FlexQ: how many of the most sensitive layers keep 8-bit activations (default: one per block)")
+    q.add_argument("--a8", default=None, metavar="REGEX",
+                   help="FlexQ: keep 8-bit activations in the layers matching REGEX (the official rule: down_proj) "
+                        "instead of the sensitivity ranking")
     q.add_argument("--sensitivity-samples", type=int, default=None,
                    help="FlexQ: calibration windows for the sensitivity ranking (default 4)")
     q.add_argument("--sensitivity", default=None, choices=["block", "kl"],
@@ -80,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr", type=float, default=None, help="PoTPTQ: Adam learning rate for Γ (default 1e-3)")
     q.add_argument("--batch", type=int, default=None, help="PoTPTQ / ABQ-LLM: windows per optimizer step (default 1)")
     q.add_argument("--lambda", dest="lam", type=float, default=None, help="PoTPTQ: weight of (λ/2)‖Γ‖² (default 0.1)")
+    q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any method option (value parsed as JSON, else a string), e.g. --option kl=none; repeatable")
     q.add_argument("--resume-dir", default=None,
                    help="where calibrated methods save progress after each block (default: beside --out, "
                         "else in ~/.cache/anybit/runs); re-running the same command resumes from it")
@@ -208,6 +215,8 @@ def _config_from_args(args):
         options["damp_percent"] = args.damp_percent
     if args.act_order:
         options["act_order"] = True
+    if args.order:
+        options["order"] = args.order
     if args.static_groups:
         options["static_groups"] = True
     if args.no_true_sequential:
@@ -254,6 +263,16 @@ def _config_from_args(args):
         options["sensitivity_samples"] = args.sensitivity_samples
     if args.sensitivity is not None:
         options["sensitivity"] = args.sensitivity
+    if args.a8 is not None:
+        options["a8"] = args.a8
+    for item in args.option:
+        if "=" not in item:
+            raise AnybitError(f"--option {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            options[k] = json.loads(v)
+        except json.JSONDecodeError:
+            options[k] = v
     cfg = QuantConfig(method=args.method, wbits=wbits, abits=abits, group_size=group, sym=args.sym, seed=args.seed,
                       skip=tuple(args.skip), options=options, bit_balance=balance, act_sym=args.act_sym,
                       lm_head_bits=args.lm_head_bits,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,7 +131,7 @@ def run_grid(settings: GridSettings, cells: list[Cell], out: Path, retry_failed:
             eta = f", ETA {sum(spent) / len(spent) * (len(todo) - i) / 60:.0f} min for the rest"
         log(f"[{i + 1}/{len(todo)}] {cell.key}: running{eta}")
         t0 = time.perf_counter()
-        row = _run_cell_subprocess(settings, cell, timeout)
+        row = _run_cell_subprocess(settings, cell, timeout, out)
         spent.append(time.perf_counter() - t0)
         _append(out, {**base, **row})
         msg = (f"ppl {', '.join(f'{k} {v:.3f}' for k, v in row['ppl'].items())}" if row["status"] == "ok"
@@ -139,15 +140,28 @@ def run_grid(settings: GridSettings, cells: list[Cell], out: Path, retry_failed:
     return read_results(out)
 
 
-def _run_cell_subprocess(settings: GridSettings, cell: Cell, timeout: float | None) -> dict:
-    payload = json.dumps({"settings": asdict(settings), "cell": asdict(cell)})
+def cell_slug(cell: Cell) -> str:
+    """A file name for ``cell`` (its run folder and log)."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", cell.key)
+
+
+def _run_cell_subprocess(settings: GridSettings, cell: Cell, timeout: float | None, out: Path) -> dict:
+    """One cell in a child process. Its progress bars go to ``out/logs/CELL.log``; a
+    calibrated method keeps its per-block progress in ``out/runs/CELL`` so that a cell
+    killed with the grid (or the session) resumes at its next block when the grid is
+    run again."""
+    run_dir = out / "runs" / cell_slug(cell)
+    payload = json.dumps({"settings": asdict(settings), "cell": asdict(cell), "run_dir": str(run_dir)})
     env = dict(os.environ)
     if settings.data_dir:
         env["ANYBIT_DATA"] = settings.data_dir
-    env["ANYBIT_QUIET"] = "1"
+    env.pop("ANYBIT_QUIET", None)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = out / "logs" / f"{cell_slug(cell)}.log"
     try:
-        p = subprocess.run([sys.executable, "-m", "anybit.compare", payload], capture_output=True, text=True,
-                           timeout=timeout, env=env)
+        with open(log_path, "a") as log:
+            p = subprocess.run([sys.executable, "-m", "anybit.compare", payload], stdout=subprocess.PIPE,
+                               stderr=log, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
     last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
@@ -157,12 +171,13 @@ def _run_cell_subprocess(settings: GridSettings, cell: Cell, timeout: float | No
         sig = -p.returncode
         why = "killed (out of memory?)" if sig == 9 else f"killed by signal {sig}"
     else:
-        lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+        text = log_path.read_text(errors="replace").replace("\r", "\n")
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         why = lines[-1] if lines else f"exit code {p.returncode}"
     return {"status": "failed", "reason": why[-500:]}
 
 
-def run_cell(settings: GridSettings, cell: Cell) -> dict:
+def run_cell(settings: GridSettings, cell: Cell, run_dir: Path | None = None) -> dict:
     """One cell, in this process: quantize (timed, peak memory), save (size on disk),
     evaluate every dataset, KL against the float model."""
     import shutil
@@ -186,8 +201,17 @@ def run_cell(settings: GridSettings, cell: Cell) -> dict:
             calib = calibration_windows(lm.tokenizer, ctext, settings.nsamples, settings.seqlen, settings.seed)
             row["calibration"] = f"{ctext.description}, {settings.nsamples} x {settings.seqlen}, seed {settings.seed}"
         with measure() as m:
-            quantize(lm.model, cfg, calib, progress=False)
+            quantize(lm.model, cfg, calib, progress=True,
+                     run_dir=run_dir if run_dir is not None and get_method(cfg.method).needs_calibration else None)
         row.update(quantize_s=round(m.seconds, 2), peak_rss_mib=round(m.peak_rss_mib))
+        resumed = getattr(lm.model, "anybit_info", {}).get("resumed_after_s")
+        if resumed is not None:  # the cell resumed a killed run: its time counts too; peak RSS is this process's
+            row.update(quantize_s=round(m.seconds + resumed, 2), resumed=True)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        blocks = getattr(lm.model, "anybit_info", {}).get("blocks")
+        if blocks:  # per-block training statistics (PoTPTQ, ABQ-LLM)
+            row["blocks"] = blocks
         sens = getattr(lm.model, "anybit_info", {}).get("sensitivity")
         if sens:  # what the method chose (FlexQ's A8 layers), for the report's readers
             row["a8_layers"] = sens.get("a8_layers")
@@ -329,7 +353,7 @@ def _main(argv: list[str]) -> int:
     if os.environ.get("ANYBIT_TEST_FAIL_CELL") == cell.key:  # test hook: a cell that crashes
         os.kill(os.getpid(), 9)
     try:
-        row = run_cell(settings, cell)
+        row = run_cell(settings, cell, Path(payload["run_dir"]) if payload.get("run_dir") else None)
     except AnybitError as e:
         print(f"anybit: error: {e}", file=sys.stderr)
         return 2

@@ -56,3 +56,14 @@ def test_pack_round_trip_and_layout():
 def test_bits_per_weight():
     spec = FormatSpec("bcq", 3, 128)
     assert FMT.bits_per_weight(spec, (64, 1024)) == pytest.approx(3 + (3 * 16 + 32) / 128)
+
+
+def test_half_offset_format_stores_float16_offsets_and_costs_16_bits_per_group_less():
+    w = _w()
+    spec16, spec32 = FormatSpec("bcq16", 3, 32), FormatSpec("bcq", 3, 32)
+    p16 = get_format("bcq16").quantize(w, spec16)
+    assert p16["offset"].dtype == torch.float16
+    deq = get_format("bcq16").dequantize(p16, spec16, tuple(w.shape))
+    assert ((w - deq) ** 2).mean() < 0.1 * (w ** 2).mean()
+    diff = FMT.bits_per_weight(spec32, tuple(w.shape)) - get_format("bcq16").bits_per_weight(spec16, tuple(w.shape))
+    assert abs(diff - 16 * 6 / 172) < 1e-9  # 6 groups of the 172 columns

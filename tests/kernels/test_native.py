@@ -78,9 +78,10 @@ def test_pot(isa, fmt, bits, group, table, monkeypatch):
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("group", [32, 128, -1, 8])
-def test_bcq(isa, bits, group):
+@pytest.mark.parametrize("fmt", ["bcq", "bcq16"])
+def test_bcq(isa, bits, group, fmt):
     for n, k, m in SHAPES:
-        check(QuantLinear.from_linear(linear(n, k), FormatSpec("bcq", bits, group), fit="greedy"), m, k)
+        check(QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group), fit="greedy"), m, k)
 
 
 @pytest.mark.parametrize("wbits,levels,wsym", [(2, 0, False), (3, 5, False), (4, 0, True), (6, 0, True), (8, 0, False)])

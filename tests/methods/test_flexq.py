@@ -63,3 +63,17 @@ def test_flexq_block_sensitivity_matches_a_direct_block_error():
     layers[name].act = high[name]
     assert scores[name] == pytest.approx(((out - ref) ** 2).sum().item() / (ref ** 2).sum().item(), rel=1e-5)
     assert all(x.act.bits == 8 for x in layers.values())  # restored
+
+
+def test_flexq_official_rule_and_weight_only_row():
+    cal = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    m = tiny_model("llama")
+    anybit.quantize(m, anybit.QuantConfig("flexq", wbits=6, abits=6, group_size=32, options={"a8": "down_proj"}),
+                    cal, progress=False)
+    layers = {n: x for n, x in m.named_modules() if isinstance(x, QuantLinear)}
+    assert {n for n, x in layers.items() if x.act.bits == 8} == {n for n in layers if n.endswith("down_proj")}
+    assert m.anybit_info["sensitivity"]["a8_layers"] == [n for n in layers if n.endswith("down_proj")]
+    w = tiny_model("llama")
+    anybit.quantize(w, anybit.QuantConfig("flexq", wbits=6, abits=16, group_size=32), cal, progress=False)
+    wl = [x for x in w.modules() if isinstance(x, QuantLinear)]
+    assert all(not x.act.enabled and x.spec.format == "int" and x.spec.sym and x.spec.bits == 6 for x in wl)

@@ -82,3 +82,37 @@ def test_stories_gptq_beats_rtn_at_3_bits(fresh_stories):
     p_gptq = anybit.eval.perplexity(gptq, win, progress=False).ppl
     p_rtn = anybit.eval.perplexity(rtn, win, progress=False).ppl
     assert p_gptq < 0.95 * p_rtn, (p_gptq, p_rtn)
+
+
+def test_gar_permutation_keeps_groups_whole_and_orders_them():
+    from anybit.methods.gptq import gar_permutation
+
+    diag = torch.rand(172, generator=torch.Generator().manual_seed(1))
+    perm = gar_permutation(diag, 32)
+    assert sorted(perm.tolist()) == list(range(172))
+    blocks = [perm[i:i + 32] for i in range(0, 172, 32)]
+    for b in blocks:  # each aligned block is one original group (the ragged one last), sorted within
+        assert len(set((b // 32).tolist())) == 1
+        assert torch.all(diag[b][:-1] >= diag[b][1:])
+    assert int(blocks[-1][0]) // 32 == 5
+    maxes = [float(diag[b].max()) for b in blocks[:-1]]
+    assert maxes == sorted(maxes, reverse=True)
+
+
+def test_gar_and_sym_rules_give_valid_packed_grids():
+    W, X, H = _problem()
+    for order in ("none", "gar"):
+        for rule in ("absmax", "range"):
+            spec = FormatSpec("int", 3, 32, True)
+            res = gptq_quantize(W, H, spec, order=order, sym_rule=rule)
+            packed = get_format("int").pack(res.codes, res.scales, res.zeros, spec)
+            assert torch.equal(get_format("int").dequantize(packed, spec, tuple(W.shape)), res.weight)
+            rtn = intfmt.fake_quantize(W, spec)
+            out_err = lambda Wq: ((X @ (W - Wq).t()) ** 2).mean().item()
+            assert out_err(res.weight) < 0.9 * out_err(rtn), (order, rule)
+    # the range rule uses the lowest code, the absmax rule never does
+    s, z = intfmt.group_params(W, FormatSpec("int", 4, 32, True), sym_rule="range")
+    codes = intfmt.encode(W, s, z, FormatSpec("int", 4, 32, True))
+    assert (codes == 0).any() and codes.max() <= 15
+    s, z = intfmt.group_params(W, FormatSpec("int", 4, 32, True))
+    assert (intfmt.encode(W, s, z, FormatSpec("int", 4, 32, True)) >= 1).all()

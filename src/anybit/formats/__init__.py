@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import AnybitError
 from .activation import ActSpec
 from .base import FormatSpec, WeightFormat
-from .bcq import BCQFormat
+from .bcq import BCQFormat, BCQHalfOffsetFormat
 from .bitplane import BitplaneFormat
 from .int import IntFormat
 from .pot import PoTFormat, PoTZeroFormat
@@ -13,6 +13,7 @@ from .pot import PoTFormat, PoTZeroFormat
 FORMATS: dict[str, WeightFormat] = {
     "int": IntFormat(),
     "bcq": BCQFormat(),
+    "bcq16": BCQHalfOffsetFormat(),
     "pot": PoTFormat(),
     "potz": PoTZeroFormat(),
     "bitplane": BitplaneFormat(),

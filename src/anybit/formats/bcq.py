@@ -9,6 +9,8 @@ Stored tensors:
   ``alpha``  float16 ``[N, G, q]``
   ``offset`` float32 ``[N, G]``   (float32 so that the integer-grid conversion stays exact:
                                   ``Σα_i − s·z`` is rarely a float16 number)
+Format ``bcq16``: the same with a float16 offset (16 bits per group fewer: 0.125 b/w at
+g128), for fits that do not need the exact conversion (GPTQT's ``offset16``).
 
 Fits:
   * :func:`fit_greedy` — LUT-GEMM's baseline: ``α_i = mean|r|``, ``b_i = sign(r)``,
@@ -48,8 +50,9 @@ def _assign(wg: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor) -> torc
     return signs[best]
 
 
-def _round_coefs(alpha: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return alpha.to(COEF_DTYPE).float(), offset.to(OFFSET_DTYPE).float()
+def _round_coefs(alpha: torch.Tensor, offset: torch.Tensor, offset_dtype: torch.dtype = OFFSET_DTYPE
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return alpha.to(COEF_DTYPE).float(), offset.to(offset_dtype).float()
 
 
 def fit_greedy(w: torch.Tensor, spec: FormatSpec):
@@ -134,6 +137,7 @@ class BCQFormat(WeightFormat):
     name = "bcq"
     min_bits = 1
     max_bits = 8
+    offset_dtype = OFFSET_DTYPE
 
     def packed_layout(self, spec: FormatSpec, shape: tuple[int, int]):
         n, k = shape
@@ -141,7 +145,7 @@ class BCQFormat(WeightFormat):
         return {
             "planes": ((spec.bits, n, bitpack.packed_bytes(k, 1)), torch.uint8),
             "alpha": ((n, g, spec.bits), COEF_DTYPE),
-            "offset": ((n, g), OFFSET_DTYPE),
+            "offset": ((n, g), self.offset_dtype),
         }
 
     def pack(self, b: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor, spec: FormatSpec,
@@ -150,7 +154,7 @@ class BCQFormat(WeightFormat):
         n, k = shape
         bits01 = (b.reshape(n, -1, spec.bits)[:, :k] > 0).to(torch.uint8)  # [N, K, q]
         planes = torch.stack([bitpack.pack(bits01[..., i], 1) for i in range(spec.bits)])
-        return {"planes": planes, "alpha": alpha.to(COEF_DTYPE), "offset": offset.to(OFFSET_DTYPE)}
+        return {"planes": planes, "alpha": alpha.to(COEF_DTYPE), "offset": offset.to(self.offset_dtype)}
 
     def unpack(self, packed: dict[str, torch.Tensor], spec: FormatSpec, shape: tuple[int, int]):
         """-> ``(signs [q, N, K] ±1 float, alpha [N, G, q], offset [N, G])`` in float32."""
@@ -163,7 +167,7 @@ class BCQFormat(WeightFormat):
             b, alpha, offset = fit_greedy(w, spec)
         else:
             b, alpha, offset = fit_alternating(w, spec, rounds, col_weight)
-        alpha, offset = _round_coefs(alpha, offset)
+        alpha, offset = _round_coefs(alpha, offset, self.offset_dtype)
         # codes chosen for the float16 coefficients actually stored
         wg, mask = grouped(w.float(), spec.group_size)
         b = _assign(torch.where(mask, wg, 0), alpha, offset)
@@ -176,3 +180,10 @@ class BCQFormat(WeightFormat):
         a = alpha.repeat_interleave(g, dim=1)[:, :k]  # [N, K, q]
         off = offset.repeat_interleave(g, dim=1)[:, :k]
         return (a * signs.permute(1, 2, 0)).sum(-1) + off
+
+
+class BCQHalfOffsetFormat(BCQFormat):
+    """BCQ with a float16 offset (``bcq16``): same layout, 16 bits per group fewer."""
+
+    name = "bcq16"
+    offset_dtype = torch.float16

@@ -34,12 +34,19 @@ def qrange(bits: int, sym: bool) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
+SYM_RULES = ("absmax", "range")
+
+
 def group_params(
-    w: torch.Tensor, spec: FormatSpec, shrink: torch.Tensor | float = 1.0
+    w: torch.Tensor, spec: FormatSpec, shrink: torch.Tensor | float = 1.0, sym_rule: str = "absmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ``(scales [N, G] float32 on the float16 grid, zeros [N, G] float32 integers)``.
 
     ``shrink`` (scalar or ``[N, G]``) scales the min/max range, for clipping search.
+    ``sym_rule`` (symmetric grids): ``absmax``, ``s = absmax / (2^(b−1) − 1)`` (codes
+    ``−2^(b−1)+1 … 2^(b−1)−1`` used, the lowest unused); ``range``, the GPTQ / GPTQModel
+    rule ``s = 2·absmax / (2^b − 1)`` around the zero point ``2^(b−1)`` (every code used,
+    the top weight clipped to ``(2^(b−1)−1)·s``). Both store the same layout.
     """
     wg, mask = grouped(w.float(), spec.group_size)
     big = torch.finfo(torch.float32).max
@@ -47,7 +54,7 @@ def group_params(
     wmin = torch.where(mask, wg, big).amin(-1)
     if spec.sym:
         amax = torch.maximum(wmax.abs(), wmin.abs()) * shrink
-        s = amax / ((1 << (spec.bits - 1)) - 1)
+        s = amax / ((1 << (spec.bits - 1)) - 1) if sym_rule == "absmax" else 2 * amax / ((1 << spec.bits) - 1)
         s = s.clamp_min(_MIN_SCALE).to(SCALE_DTYPE).float()
         z = torch.full_like(s, float(1 << (spec.bits - 1)))
         return s, z

@@ -318,4 +318,4 @@ def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
-KERNELS = {"int": int_linear, "pot": pot_linear, "potz": pot_linear, "bcq": bcq_linear, "bitplane": bitplane_linear}
+KERNELS = {"int": int_linear, "pot": pot_linear, "potz": pot_linear, "bcq": bcq_linear, "bcq16": bcq_linear, "bitplane": bitplane_linear}

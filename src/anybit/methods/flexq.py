@@ -17,12 +17,17 @@ the layers a sensitivity analysis finds most fragile (SPEC §3).
   The ``a8_layers`` most sensitive layers (default: as many as there are decoder blocks,
   ~1/7 of the linears of a Llama model) keep A8. The ranking is printed and kept in the
   checkpoint. With a budget of 0, or of every layer, nothing is ranked.
+* The official code's rule instead (``a8="down_proj"``, a regex of layer names): every
+  matching layer keeps A8, nothing is ranked (FlyFoxPlayer/FlexQ ``--flex_linear_quant``:
+  every down_proj, 32 of 224 linears on LLaMA-7B).
+* ``W6A16`` (``abits=16``): the weights alone, to separate W6's cost from A6's.
 
 Both on ``sensitivity_samples`` (4) calibration windows of 512 tokens.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import replace
 
@@ -89,12 +94,15 @@ class FlexQ(Method):
         return replace(config, sym=True, act_sym=True, act_group_size=config.group_size)
 
     def validate(self, config: QuantConfig) -> None:
-        if config.abits >= 16:
-            raise AnybitError("flexq quantizes activations; give --abits (6) or a scheme like W6A6")
         if int(config.options.get("a8_layers", 0)) < 0:
             raise AnybitError("--a8-layers must be >= 0")
         if str(config.options.get("sensitivity", "block")) not in ("block", "kl"):
             raise AnybitError("flexq sensitivity must be 'block' or 'kl'")
+        if "a8" in config.options:
+            try:
+                re.compile(str(config.options["a8"]))
+            except re.error as e:
+                raise AnybitError(f"flexq a8 must be a regex of layer names (e.g. down_proj): {e}") from None
         super().validate(self.prepare(config))
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
@@ -104,13 +112,22 @@ class FlexQ(Method):
         nwin = int(config.options.get("sensitivity_samples", 4))
         windows = calibration[:nwin, :SENSITIVITY_SEQLEN]
         metric = str(config.options.get("sensitivity", "block"))
-        ref = _logprobs(model, windows) if metric == "kl" else None  # the float model's
+        ranked = "a8" not in config.options and config.abits < high
+        ref = _logprobs(model, windows) if metric == "kl" and ranked else None  # the float model's
         result = quantize_layers_data_free(self, model, adapter, config,
                                            lambda lin, spec: QuantLinear.from_linear(lin, spec), "flexq-w", progress)
         layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
         budget = int(config.options.get("a8_layers", len(adapter.get_blocks(model))))
         low = {n: m.act for n, m in layers.items()}
         high_act = {n: replace(a, bits=high) for n, a in low.items()}
+        if "a8" in config.options and config.abits < high:  # the official rule: a fixed set of layers
+            rule = re.compile(str(config.options["a8"]))
+            keep = [n for n in layers if rule.search(n)]
+            for n, m in layers.items():
+                m.act = high_act[n] if n in keep else low[n]
+            result.extra["sensitivity"] = {"metric": f"none: layers matching {rule.pattern!r} keep A{high}",
+                                           "a8_layers": keep}
+            return result
         for n, m in layers.items():
             m.act = high_act[n]
         if budget == 0 or budget >= len(layers) or config.abits >= high:

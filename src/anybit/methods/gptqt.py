@@ -16,7 +16,8 @@ Open choices (SPEC §3), measured in docs/gptq.md: ``intermediate_bits`` (defaul
 ``q + 3``, at most 8: on stories260K h = 6 was best at q = 3 and h = 5 at q = 2, and
 h = q + 1 was worst) and ``scale_grid`` (default 0.80…1.10 in steps of 0.05). Candidates
 are compared after ``search_rounds`` (3) alternating rounds; the winner is refitted with
-``rounds`` (15).
+``rounds`` (15). ``offset16``: store the offset in float16 (format ``bcq16``, 0.125 b/w
+less at g128).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def parse_grid(value) -> tuple[float, ...]:
 def to_bcq(w_int: torch.Tensor, spec: FormatSpec, col_weight: torch.Tensor | None, rounds: int = 15):
     """Step 2's conversion: q-bit BCQ ``(b, alpha, offset)`` of the step-1 weight, float16 coefficients."""
     b, alpha, offset = fit_alternating(w_int, spec, rounds, col_weight)
-    alpha, offset = _round_coefs(alpha, offset)
+    alpha, offset = _round_coefs(alpha, offset, get_format(spec.format).offset_dtype)
     wg, mask = grouped(w_int.float(), spec.group_size)
     b = _assign(torch.where(mask, wg, 0), alpha, offset)
     return b, alpha, offset
@@ -67,6 +68,11 @@ class GPTQT(GPTQ):
     name = "gptqt"
     weight_format = "bcq"
     supports_act = False
+
+    def spec_from_fields(self, config: QuantConfig, fields: dict) -> FormatSpec:
+        spec = super().spec_from_fields(config, fields)
+        fmt = "bcq16" if bool(config.options.get("offset16", False)) else "bcq"
+        return FormatSpec(fmt, spec.bits, spec.group_size, spec.sym)
 
     def validate(self, config: QuantConfig) -> None:
         h = int(config.options.get("intermediate_bits", default_intermediate_bits(config.wbits)))
@@ -84,7 +90,7 @@ class GPTQT(GPTQ):
         ispec = FormatSpec("int", h, spec.group_size, config.sym)
         gopts = self.gptq_options(config)
         col_weight = torch.diag(H) if weighted else None
-        fmt = get_format("bcq")
+        fmt = get_format(spec.format)
         # The search judges each candidate with a short fit (``search_rounds``); only the
         # winner gets the full alternating fit (``rounds``): the fits were ~70 % of the time.
         search_rounds = int(opts.get("search_rounds", 3))
