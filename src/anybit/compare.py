@@ -3,7 +3,8 @@ process (a crash or out-of-memory in one cell is recorded and the grid goes on),
 appended to ``results.jsonl`` as each cell ends, finished cells skipped on a re-run;
 ``anybit report`` turns ``results.jsonl`` alone into ``report.md`` and ``pareto.png``.
 
-A method may carry options: ``potptq:steps=init`` or ``abq:let=false:epochs=5``.
+A method may carry options: ``potptq:steps=init`` or ``abq:let=false:epochs=5``
+(``sym=true`` sets symmetric weights).
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ class Cell:
             except json.JSONDecodeError:
                 options[k] = v
         sch = parse_scheme(self.scheme)
+        sym = options.pop("sym", False)  # a QuantConfig field, written like an option: gptq:sym=true
+        if not isinstance(sym, bool):
+            raise AnybitError(f"sym must be true or false in {self.method!r}")
         return QuantConfig(method=name, wbits=sch.wbits, abits=sch.abits,
                            group_size=sch.group_size if sch.group_size is not None else 128,
-                           bit_balance=sch.bit_balance, options=options)
+                           bit_balance=sch.bit_balance, sym=sym, options=options)
 
 
 def grid(methods: list[str], schemes: list[str]) -> list[Cell]:

@@ -128,3 +128,37 @@ def test_training_moves_every_parameter_group_and_lowers_block_error():
     assert "dc_a_abs_max" in blocks[0] and blocks[0]["dc_a_abs_max"] > 0
     assert {v["group_size"] for v in lm.model.anybit_info["layers"].values()} == {-1}
     json.dumps(lm.model.anybit_info, allow_nan=False)
+
+
+@pytest.mark.parametrize("sym,bits,levels,group", [(False, 4, 0, 32), (False, 3, 5, 32), (True, 6, 0, 32), (False, 4, 0, -1)])
+def test_fused_clipped_fake_quant_matches_autograd(sym, bits, levels, group):
+    """The hand-written backward of the LWC fake-quantizer equals autograd's on the plain
+    expression, for w (through the group max/min too), γ and β (float64)."""
+    from anybit.formats import ActSpec, FormatSpec
+    from anybit.formats.base import expand_groups
+    from anybit.methods.abq import ABQLinear, round_ste
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 16)
+    m = ABQLinear(lin, FormatSpec("bitplane", bits, group, sym, levels), ActSpec(8), lwc=True, dc=False)
+    for p in (m.gamma, m.beta):
+        if p is not None:
+            p.data = (torch.randn_like(p) + 2).double()
+    w = torch.randn(16, 96, dtype=torch.float64)
+    w[1, 5] = w[1, 7] = w[1].max() + 1  # a tied maximum
+    go = torch.randn(16, 96, dtype=torch.float64)
+    params = [p for p in (m.gamma, m.beta) if p is not None]
+
+    def grads(f):
+        wl = w.clone().requires_grad_()
+        out = f(wl)
+        return [out] + list(torch.autograd.grad((out * go).sum(), [wl] + params))
+
+    def plain(wl):
+        s, z = m.clip_params(wl)
+        se, ze = expand_groups(s, group, 96), expand_groups(z, group, 96)
+        hi = (1 << bits) - 1 if sym else m.spec.qmax
+        return (torch.clamp(round_ste(wl / se) + ze, 0, hi) - ze) * se
+
+    for a, b in zip(grads(m.fake_weight), grads(plain)):
+        assert torch.allclose(a, b, atol=1e-12), (a - b).abs().max()

@@ -114,6 +114,44 @@ def quantize(x: torch.Tensor, spec: ActSpec) -> tuple[torch.Tensor, torch.Tensor
     return q.to(torch.int32), s, z
 
 
+class _PerTokenFakeQuant(torch.autograd.Function):
+    """Asymmetric per-token fake quantization with straight-through rounding, forward and
+    backward written out (training: ABQ-LLM's activations and Q/K/V). The gradient equals
+    autograd's on the plain expression of :func:`fake_quantize`: to ``x`` where the code is
+    not clamped, and through the scale ``s = (max⁺ − min⁻)/(2^b − 1)`` to each token's
+    largest and smallest entry (``z = round(−min/s)`` has no gradient, as there)."""
+
+    @staticmethod
+    def forward(ctx, x, bits: int):
+        levels = (1 << bits) - 1
+        xf = x.float()
+        xmax, xmin = xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True)
+        s_raw = (xmax.clamp_min(0) - xmin.clamp_max(0)) / levels
+        s = s_raw.clamp_min(_MIN_SCALE)
+        z = torch.round(-xmin.clamp_max(0) / s)
+        y = (torch.clamp(torch.round(xf / s) + z, 0, levels) - z) * s
+        ctx.save_for_backward(x, xmax, xmin, s_raw, s, z)
+        ctx.levels = levels
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, xmax, xmin, s_raw, s, z = ctx.saved_tensors
+        levels = ctx.levels
+        xf, gy = x.float(), gy.float()
+        u = xf / s
+        cpre = torch.round(u) + z
+        inside = (cpre >= 0) & (cpre <= levels)
+        gin = torch.where(inside, gy, 0.0)
+        gs = (gy * (cpre.clamp(0, levels) - z)).sum(-1, keepdim=True) - (gin * u).sum(-1, keepdim=True)
+        gs = gs * (s_raw >= _MIN_SCALE) / levels
+        ismax, ismin = xf == xmax, xf == xmin
+        g_max = gs * (xmax >= 0) / ismax.sum(-1, keepdim=True)
+        g_min = -gs * (xmin <= 0) / ismin.sum(-1, keepdim=True)
+        gx = gin + torch.where(ismax, g_max, 0.0) + torch.where(ismin, g_min, 0.0)
+        return gx.to(x.dtype), None
+
+
 def fake_quantize(x: torch.Tensor, spec: ActSpec, ste: bool = False) -> torch.Tensor:
     """Quantize-dequantize ``x`` (same dtype); ``ste``: straight-through gradient for training.
 
@@ -122,6 +160,8 @@ def fake_quantize(x: torch.Tensor, spec: ActSpec, ste: bool = False) -> torch.Te
     """
     if not spec.enabled:
         return x
+    if ste and spec.group_size == -1 and not spec.sym:
+        return _PerTokenFakeQuant.apply(x, spec.bits)
     k = x.shape[-1]
     s, z = act_params(x, spec)
     xg, pad = _grouped(x.float(), spec.group_size)

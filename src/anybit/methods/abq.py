@@ -90,6 +90,90 @@ def clipped_params(w: torch.Tensor, spec: FormatSpec, gamma: torch.Tensor, beta:
     return s, torch.clamp(round_ste(-lo / s), 0, spec.qmax)
 
 
+class _LWCFakeQuant(torch.autograd.Function):
+    """ABQ-LLM/OmniQuant's fake-quantized weight with learned clipping, forward and backward
+    written out: ``wq = (clamp(round(w/s) + z, 0, H) − z)·s`` with per-(row, group) ``s, z``
+    from the clipped range; straight-through rounding; gradients to w (including through the
+    group max/min), γ and β equal autograd's on the unfused expression."""
+
+    @staticmethod
+    def forward(ctx, w, gamma, beta, g: int, bits: int, qmax: int, sym: bool):
+        n, k = w.shape
+        wg = w.view(n, k // g, g)
+        wmax, wmin = wg.amax(-1), wg.amin(-1)
+        sg = torch.sigmoid(gamma)
+        if sym:
+            q = (1 << (bits - 1)) - 1
+            araw = torch.maximum(wmax.abs(), wmin.abs())
+            s_raw = araw * sg / q
+            z = torch.full_like(s_raw, float(1 << (bits - 1)))
+            top = (1 << bits) - 1
+            sb = None
+        else:
+            sb = torch.sigmoid(beta)
+            hi, lo = wmax.clamp_min(0) * sg, wmin.clamp_max(0) * sb
+            s_raw = (hi - lo) / qmax
+            top = qmax
+        s = s_raw.clamp_min(1e-5)
+        if not sym:
+            v = -lo / s
+            z = torch.round(v).clamp(0, qmax)
+        se, ze = s.unsqueeze(-1), z.unsqueeze(-1)
+        c = torch.clamp(torch.round(wg / se) + ze, 0, top)
+        wq = ((c - ze) * se).view(n, k)
+        ctx.save_for_backward(w, gamma, beta if beta is not None else gamma, wmax, wmin, s_raw, s, z)
+        ctx.cfg = (g, bits, qmax, sym, top)
+        return wq
+
+    @staticmethod
+    def backward(ctx, gq):
+        w, gamma, beta, wmax, wmin, s_raw, s, z = ctx.saved_tensors
+        g, bits, qmax, sym, top = ctx.cfg
+        n, k = w.shape
+        wg = w.view(n, k // g, g)
+        gq = gq.reshape(n, k // g, g)
+        se, ze = s.unsqueeze(-1), z.unsqueeze(-1)
+        u = wg / se
+        cpre = torch.round(u) + ze
+        inside = (cpre >= 0) & (cpre <= top)
+        c = cpre.clamp(0, top)
+        gw = torch.where(inside, gq, 0.0)
+        gs = (gq * (c - ze)).sum(-1) - (gw * u).sum(-1)           # direct path of s
+        gz = -(gq.sum(-1) - gw.sum(-1)) * s                         # outside: ∂wq/∂z = −s
+        sin = (s_raw >= 1e-5).to(s.dtype)
+        sg = torch.sigmoid(gamma)
+        if sym:
+            q = (1 << (bits - 1)) - 1
+            gsr = gs * sin
+            araw = torch.maximum(wmax.abs(), wmin.abs())
+            g_gamma = gsr * araw * sg * (1 - sg) / q
+            g_araw = gsr * sg / q
+            am, an = wmax.abs(), wmin.abs()
+            share_max = torch.where(am > an, 1.0, torch.where(am == an, 0.5, 0.0))
+            g_wmax = g_araw * share_max * torch.sign(wmax)
+            g_wmin = g_araw * (1 - share_max) * torch.sign(wmin)
+            g_beta = None
+        else:
+            sb = torch.sigmoid(beta)
+            lo = wmin.clamp_max(0) * sb
+            v = -lo / s
+            zin = ((torch.round(v) >= 0) & (torch.round(v) <= qmax)).to(s.dtype)
+            gs_tot = gs + gz * zin * lo / (s * s)
+            glo = -gz * zin / s
+            gsr = gs_tot * sin
+            g_hi = gsr / qmax
+            g_lo = -gsr / qmax + glo
+            g_gamma = g_hi * wmax.clamp_min(0) * sg * (1 - sg)
+            g_beta = g_lo * wmin.clamp_max(0) * sb * (1 - sb)
+            g_wmax = g_hi * sg * (wmax >= 0).to(s.dtype)
+            g_wmin = g_lo * sb * (wmin <= 0).to(s.dtype)
+        ismax = wg == wmax.unsqueeze(-1)
+        ismin = wg == wmin.unsqueeze(-1)
+        gw = gw + torch.where(ismax, (g_wmax / ismax.sum(-1)).unsqueeze(-1), 0.0)
+        gw = gw + torch.where(ismin, (g_wmin / ismin.sum(-1)).unsqueeze(-1), 0.0)
+        return gw.view(n, k), g_gamma, g_beta, None, None, None, None
+
+
 class LETParams(nn.Module):
     """Learnable scale (and shift) of one pair."""
 
@@ -203,14 +287,24 @@ class ABQLinear(nn.Module):
             cache[id(x)] = (x, self.act, xq)
         return xq
 
-    def forward(self, x):
-        w, b = self.effective()
-        s, z = self.clip_params(w)
+    def fake_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized ``w`` (whole groups: the fused function; a ragged last group:
+        the same expression through autograd)."""
         k = w.shape[1]
+        g = k if self.spec.group_size == -1 else self.spec.group_size
+        if k % g == 0:
+            ones = torch.full((w.shape[0], k // g), 100.0)  # σ(100) = 1: no clipping
+            gamma = self.gamma if self.gamma is not None else ones
+            beta = None if self.spec.sym else (self.beta if self.beta is not None else ones)
+            return _LWCFakeQuant.apply(w, gamma, beta, g, self.spec.bits, self.spec.qmax, self.spec.sym)
+        s, z = self.clip_params(w)
         se, ze = expand_groups(s, self.spec.group_size, k), expand_groups(z, self.spec.group_size, k)
         hi = (1 << self.spec.bits) - 1 if self.spec.sym else self.spec.qmax
-        wq = (torch.clamp(round_ste(w / se) + ze, 0, hi) - ze) * se
-        return F.linear(self.quant_input(x), wq, b)
+        return (torch.clamp(round_ste(w / se) + ze, 0, hi) - ze) * se
+
+    def forward(self, x):
+        w, b = self.effective()
+        return F.linear(self.quant_input(x), self.fake_weight(w), b)
 
     @torch.no_grad()
     def export(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
