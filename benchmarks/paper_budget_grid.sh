@@ -2,20 +2,40 @@
 # Issue #13: the trained methods at the papers' epoch counts on SmolLM2-135M (Q4_1-dequantized),
 # with the baselines they are judged against, on ONE documented calibration set for every row:
 # C4 train sample, 32 windows x 512 tokens, seed 0 (the papers: 128 x 2048; the loop at 512
-# tokens is ~4x cheaper per step, and 32 windows keep every row within a few hours here).
+# tokens is ~4x cheaper per step, and 32 windows keep every row within 1-2 hours here).
 # Evaluation: WikiText-2 test, 2048-token windows, the first 40; KL to the float model on 4.
 # Each `compare` call is resumable (finished cells are skipped, a killed cell resumes at its
-# next block), so the script can be re-run until it completes. Run from the repository root.
+# next block), so the script can be re-run until it completes; the calls are in priority
+# order (one row per claim first). Run from the repository root; one heavy job at a time.
 set -e
 export ANYBIT_DATA=${ANYBIT_DATA:-../shared/data}
 A=.venv/bin/anybit
 W="smollm2-135m --calib c4 --nsamples 32 --seqlen 512 --eval wikitext2 --eval-seqlen 2048 --max-windows 40 --kl-windows 4 --out benchmarks/results/smollm2-budget"
-# PoTPTQ, zero level (potz, the default): W3 g128 (10 epochs), the 2-bit ablation at g64 and W2 g128 (40 epochs)
+# PoTPTQ W3 g128, zero level (potz, the default), 10 epochs
 $A compare $W --methods potptq --schemes W3A16G128
+# GPTQ column order at W3 g128 (damp 0.01): natural, act-order, group-aware reordering; RTN
+$A compare $W --methods rtn,gptq:order=none,gptq:order=act,gptq:order=gar --schemes W3A16G128
+# ABQ-LLM W4A4, weights per channel as the official scripts, 20 epochs
+$A compare $W --methods abq --schemes W4A4G-1
+# FlexQ: W6A6 with the sensitivity ranking, with the official rule (every down_proj at A8), W6A16
+$A compare $W --methods flexq,flexq:a8=down_proj --schemes W6A6
+$A compare $W --methods flexq --schemes W6A16
+# ABQ-LLM W2*A8 (bit balance), 40 epochs
+$A compare $W --methods abq --schemes 'W2*A8G-1'
+# PoTPTQ: the paper's 2-bit ablation at g64 (40 epochs)
 $A compare $W --methods potptq:steps=none,potptq:steps=init,potptq:steps=refine,potptq --schemes W2A16G64
+# ABQ-LLM W6A6, W2A8 (no bit balance); the W+A baselines
+$A compare $W --methods abq --schemes W6A6G-1,W2A8G-1
+$A compare $W --methods rtn,smoothquant --schemes W4A4G-1,W6A6G-1,W2A8G-1
+# GPTQ: dampening and the symmetric scale rule
+$A compare $W --methods gptq:order=gar:damp_percent=0.05,gptq:order=none:damp_percent=0.05 --schemes W3A16G128
+$A compare $W --methods gptq:sym=true,gptq:sym=true:sym_rule=range --schemes W4A16G128,W3A16G128
+# 2-bit weight-only baselines and PoTPTQ W2 g128
+$A compare $W --methods rtn,gptq:order=none,gptq:order=gar --schemes W2A16G64,W2A16G128
 $A compare $W --methods potptq --schemes W2A16G128
-# baselines of the weight-only claims
-$A compare $W --methods rtn,gptq --schemes W3A16G128,W2A16G64,W2A16G128
+# GPTQT with a float16 offset; GPTQ at equal storage (INT3 g32 ~ 3.6 b/w, INT2 g32)
+$A compare $W --methods gptqt:scale_grid=0.9/0.95/1.0,gptqt:scale_grid=0.9/0.95/1.0:offset16=true --schemes W3A16G128,W2A16G64
+$A compare $W --methods gptq:order=none,gptq:order=gar --schemes W3A16G32,W2A16G32
 # PoTPTQ with the paper's plain format (pot, no zero level)
 $A compare $W --methods potptq:zero_level=false --schemes W3A16G128,W2A16G128
 $A compare $W --methods potptq:zero_level=false:steps=none,potptq:zero_level=false:steps=init,potptq:zero_level=false:steps=refine,potptq:zero_level=false --schemes W2A16G64
