@@ -15,7 +15,8 @@ Per decoder block, on the calibration windows, with the block frozen and only th
   does not tie them (its fold then changes the float function a little). Off where the
   attention normalises Q and K per head (Qwen3's q_norm/k_norm undo any scale);
 * **distribution correction** (blocks ``i ≤ 2`` and ``i ≥ L−4``): a rank-1 term on
-  down_proj, ``W' = W + a·bᵀ`` (a = 0, b = 1 at start, lr 1e-2), merged before quantization;
+  down_proj, ``W' = W + a·bᵀ`` (a = 0, b = 1 at start, lr 1e-2), added after the
+  equivalent transforms and merged before quantization;
 * **bit balance** (``W2*``): a 2-bit asymmetric grid with ``qmax = 2^2`` (5 levels), stored
   and executed in 3 bits (``QuantConfig.bit_balance``).
 
@@ -61,6 +62,7 @@ from .sequential import BlockInputs, block_forward, run_sequential
 from .smoothing import Pair, absmax, fold_producer, input_range, pairs, smooth_scales, weight_absmax
 
 LWC_INIT = 4.0
+SCALE_FLOOR = 1e-2  # LET and Q/K scales are kept at or above this before every step (official)
 DC_FIRST, DC_LAST = 3, 4  # blocks i <= 2 and i >= L - 4
 LOSSES = ("official", "mse")
 KLS = ("official", "true", "none")
@@ -252,8 +254,6 @@ class ABQLinear(nn.Module):
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = self.weight
         b = self.bias
-        if self.dc_a is not None:
-            w = w + self.dc_a @ self.dc_b
         for let in self.let_in:
             if let.shift is not None:
                 extra = w @ let.pair.expand(let.shift)
@@ -268,6 +268,8 @@ class ABQLinear(nn.Module):
             w = w * r.unsqueeze(1)
             if b is not None:
                 b = b * r
+        if self.dc_a is not None:  # after the transforms, as the official smooth_and_quant_temporary
+            w = w + self.dc_a @ self.dc_b
         return w, b
 
     def clip_params(self, w: torch.Tensor):
@@ -468,6 +470,7 @@ class ABQ(Method):
             lwc_params = [p for w in wrapped.values() for p in (w.gamma, w.beta) if p is not None]
             dc_params = [p for w in wrapped.values() for p in (w.dc_a, w.dc_b) if p is not None]
             freeze_except(block, let_params + lwc_params + dc_params)
+            scale_params = [let.scale for let in lets] + ([qk[2].scale] if qk is not None else [])
             groups = [{"params": ps, "lr": lr} for ps, lr in
                       ((let_params, lr_let), (lwc_params, lr_lwc), (dc_params, lr_dc)) if ps]
 
@@ -496,6 +499,9 @@ class ABQ(Method):
                     total = 0.0
                     order = epoch_order(n, config.seed, i, epoch)
                     for s in range(0, n, batch):
+                        with torch.no_grad():  # the official truncate_number: scales at least 1e-2
+                            for p in scale_params:
+                                p.clamp_(min=SCALE_FLOOR)
                         with train_autocast(amp):
                             loss = step_loss(order[s: s + batch])
                         if not torch.isfinite(loss):
@@ -506,6 +512,9 @@ class ABQ(Method):
                         total += loss.item()
                     losses.append(total / -(-n // batch))
             act_cache.clear()
+            with torch.no_grad():
+                for p in scale_params:
+                    p.clamp_(min=SCALE_FLOOR)
             stats = self.block_stats(wrapped, lets, qk[2] if qk is not None else None)
             # fold the learned transforms for good, then pack
             with torch.no_grad():
