@@ -14,12 +14,14 @@ W="smollm2-135m --calib c4 --nsamples 32 --seqlen 512 --eval wikitext2 --eval-se
 # PoTPTQ W3 g128, zero level (potz, the default), 10 epochs
 $A compare $W --methods potptq --schemes W3A16G128
 # GPTQ column order at W3 g128 (damp 0.01): natural, act-order, group-aware reordering; RTN
-$A compare $W --methods rtn,gptq:order=none,gptq:order=act,gptq:order=gar --schemes W3A16G128
+$A compare $W --methods rtn,gptq:order=none,gptq:order=act,gptq:order=gar --schemes W3A16G128,W4A16G128
 # ABQ-LLM W4A4, weights per channel as the official scripts, 20 epochs
 $A compare $W --methods abq --schemes W4A4G-1
 # FlexQ: W6A6 with the sensitivity ranking, with the official rule (every down_proj at A8), W6A16
 $A compare $W --methods flexq,flexq:a8=down_proj --schemes W6A6
 $A compare $W --methods flexq --schemes W6A16
+# what the cut from 128 to 32 calibration windows costs, on one cell (PoTPTQ W3 g128)
+$A compare ${W/--nsamples 32/--nsamples 128}-128 --methods potptq --schemes W3A16G128
 # ABQ-LLM W2*A8 (bit balance), 40 epochs
 $A compare $W --methods abq --schemes 'W2*A8G-1'
 # PoTPTQ: the paper's 2-bit ablation at g64 (40 epochs)
@@ -39,5 +41,5 @@ $A compare $W --methods gptq:order=none,gptq:order=gar --schemes W3A16G32,W2A16G
 # PoTPTQ with the paper's plain format (pot, no zero level)
 $A compare $W --methods potptq:zero_level=false --schemes W3A16G128,W2A16G128
 $A compare $W --methods potptq:zero_level=false:steps=none,potptq:zero_level=false:steps=init,potptq:zero_level=false:steps=refine,potptq:zero_level=false --schemes W2A16G64
-$A report benchmarks/results/smollm2-budget --paper benchmarks/paper_weight_only.json \
+$A report benchmarks/results/smollm2-budget --paper benchmarks/paper_budget.json \
   --title "SmolLM2-135M (Q4_1-dequantized), papers' epoch counts, C4 32 x 512"

@@ -26,7 +26,7 @@ with P the head-averaged attention maps, Y_fp the float block on the float chain
 and Y_fp2 the float block on the quantized chain's inputs. ``kl="official"`` is the
 official term, ``KLDivLoss(reduction="mean")`` on the re-softmaxed maps (numerically ≈ 0:
 a softmax of probabilities is nearly uniform, and the mean divides by T²);
-``kl="true"`` is the KL of the maps themselves (mean over query positions);
+``kl="maps"`` is the KL of the maps themselves (mean over query positions);
 ``kl="none"`` drops it (and needs no maps: the fast SDPA path). ``loss="mse"`` is
 OmniQuant's ``MSE(Y_fp, Y_q)`` alone.
 Activations: dynamic per token, asymmetric, at ``abits``; Q, K and V also at ``abits``
@@ -65,7 +65,7 @@ LWC_INIT = 4.0
 SCALE_FLOOR = 1e-2  # LET and Q/K scales are kept at or above this before every step (official)
 DC_FIRST, DC_LAST = 3, 4  # blocks i <= 2 and i >= L - 4
 LOSSES = ("official", "mse")
-KLS = ("official", "true", "none")
+KLS = ("official", "maps", "none")
 
 
 def default_epochs(config: QuantConfig) -> int:
@@ -332,7 +332,7 @@ def kl_official(p_fp: torch.Tensor, p_q: torch.Tensor) -> torch.Tensor:
     return (torch.exp(lq) * d).sum().abs() / n + (torch.exp(lf) * d).sum().abs() / n
 
 
-def kl_true(p_fp: torch.Tensor, p_q: torch.Tensor) -> torch.Tensor:
+def kl_maps(p_fp: torch.Tensor, p_q: torch.Tensor) -> torch.Tensor:
     """KL of the maps themselves, both directions, each the mean over query positions of
     ``Σ_k p log(p/q)`` (row-stochastic ``[B, T, T]`` maps)."""
     eps = 1e-10
@@ -483,7 +483,7 @@ class ABQ(Method):
                 loss = (F.mse_loss(y, y_fp[idx]) + F.mse_loss(y, y_fp2[idx])
                         + _neg_log_cos(y, y_fp[idx]) + _neg_log_cos(y, y_fp2[idx]))
                 if p_q is not None:
-                    loss = loss + (kl_official if kl_kind == "official" else kl_true)(p_fp[idx].float(), p_q.float())
+                    loss = loss + (kl_official if kl_kind == "official" else kl_maps)(p_fp[idx].float(), p_q.float())
                 return loss
 
             def quantized_error() -> float:
