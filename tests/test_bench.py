@@ -14,13 +14,15 @@ from conftest import needs_stories
 @pytest.mark.skipif(not native.available(), reason="native kernels not built")
 def test_kernel_bench_fields():
     limits = (native.MAX_ROWS, native.MAX_ROWS_BITPLANE)
-    cases = bench.bench_kernels(shapes=((64, 96),), batches=(1, 3), cases=bench.CASES[:1] + bench.CASES[-1:])
+    cases = bench.bench_kernels(shapes=((64, 96),), batches=(1, 3), cases=bench.CASES[:1] + bench.CASES[-1:], hot=True,
+                                read_gb_per_s=10.0)
     gemm = [c for c in cases if c["op"] == "gemm"]
     assert {(c["format"], c["batch"]) for c in gemm} == {("int", 1), ("int", 3), ("bitplane", 1), ("bitplane", 3)}
     for c in gemm:
         assert c["shape"] == [64, 96] and c["median_s"] > 0
         assert c["ratio_vs_fp32"] == pytest.approx(c["fp32_median_s"] / c["median_s"])
         assert c["abits"] == (16 if c["format"] == "int" else 8)
+        assert c["copies"] == 1 and c["fraction_of_read_bandwidth"] == pytest.approx(c["gb_per_s"] / 10.0)
     ops = {c["op"] for c in cases}
     assert {"dequantize", "dequantize-in-cache", "dequantize-table-in-cache", "dequantize-add-in-cache"} <= ops
     assert (native.MAX_ROWS, native.MAX_ROWS_BITPLANE) == limits  # the dispatch limits are restored
@@ -35,3 +37,25 @@ def test_e2e_bench_against_the_recorded_source(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["baseline"]["model"] == "stories260k" and rep["model"]["source"] == "stories260k"
     assert rep["decode_speedup"] > 0 and rep["weights_ratio"] < 1
+
+
+def test_cold_mode_cycles_enough_distinct_matrices():
+    llc = bench.last_level_cache_bytes()
+    assert llc >= 1 << 20
+    n = bench.copies_for_cold(8 << 20)
+    assert n * (8 << 20) >= bench.COLD_FACTOR * llc and (n - 1) * (8 << 20) < bench.COLD_FACTOR * llc
+    assert bench.copies_for_cold(1 << 40) == 1 and bench.copies_for_cold(8 << 20, hot=True) == 1
+    assert bench.copies_for_cold(16) == bench.MAX_COPIES
+    seen = []
+    cyc = bench.Cycle([1, 2, 3], seen.append)
+    for _ in range(7):
+        cyc()
+    assert seen == [1, 2, 3, 1, 2, 3, 1]
+    assert bench.read_bandwidth(1 << 22) > 0
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels not built")
+def test_cold_kernel_bench_uses_distinct_matrices():
+    cases = bench.bench_kernels(shapes=((256, 512),), batches=(1,), cases=bench.CASES[2:3], dequant=False)
+    (c,) = cases
+    assert c["copies"] == bench.copies_for_cold(c["weight_bytes"]) > 1

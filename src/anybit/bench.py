@@ -3,6 +3,13 @@ and end-to-end prefill/decode of a model against its unquantized source.
 
 Times are medians of repeated calls after a warm-up; ratios compare two numbers measured
 in the same process, minutes apart, never a stored number.
+
+**Cold by default.** In decoding every layer's weights come from memory once per token;
+a benchmark that calls one matrix over and over measures it from the last-level cache
+whenever it fits there (an INT4 4096x4096 matrix is 8.7 MB, the L3 here 32 MB). Each
+kernel case (and each ``F.linear`` baseline) therefore cycles through enough distinct
+copies of its matrix that they exceed ``COLD_FACTOR`` x the last-level cache, so that
+every call reads its weights from memory; ``hot=True`` (``--hot``) times one matrix.
 """
 
 from __future__ import annotations
@@ -64,11 +71,60 @@ def median_time(fn, min_reps: int = 5, min_seconds: float = 0.3, max_reps: int =
 
 
 def memory_bandwidth(nbytes: int = 1 << 28) -> float:
-    """Copy bandwidth in GB/s (bytes read + bytes written per second): the roofline."""
+    """Copy bandwidth in GB/s (bytes read + bytes written per second)."""
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), min_reps=5)
     return 2 * nbytes / t / 1e9
+
+
+def read_bandwidth(nbytes: int = 1 << 29) -> float:
+    """Streaming read bandwidth in GB/s (a sum over ``nbytes`` of float32): the roofline of a
+    weight-streaming GEMV, which reads and hardly writes."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    t = median_time(lambda: src.sum(), min_reps=5)
+    return nbytes / t / 1e9
+
+
+COLD_FACTOR = 4
+MAX_COPIES = 4096  # bounds the set-up time for tiny matrices
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (from /sys; 32 MiB if it cannot be read)."""
+    import glob
+
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best or 32 << 20
+
+
+def copies_for_cold(nbytes: int, hot: bool = False) -> int:
+    """How many distinct copies of an ``nbytes`` matrix make every call read from memory."""
+    if hot:
+        return 1
+    return min(MAX_COPIES, max(1, -(-COLD_FACTOR * last_level_cache_bytes() // max(1, nbytes))))
+
+
+class Cycle:
+    """Calls ``fn(item)`` on the next of ``items`` each time (a cold benchmark's rotation)."""
+
+    def __init__(self, items, fn):
+        self.items, self.fn, self.i = list(items), fn, 0
+
+    def __call__(self):
+        item = self.items[self.i]
+        self.i = (self.i + 1) % len(self.items)
+        return self.fn(item)
 
 
 def random_module(fmt: str, bits: int, shape: tuple[int, int], group: int, sym: bool, act: ActSpec,
@@ -106,19 +162,25 @@ class KernelCase:
     fp32_s: float
     bf16_s: float
     op: str = "gemm"
+    copies: int = 1  # distinct matrices cycled (1: hot)
+    read_gb_per_s: float | None = None
 
     def to_dict(self) -> dict:
+        gbs = self.weight_bytes / self.median_s / 1e9
         return {"format": self.format, "op": self.op, "bits": self.bits, "abits": self.abits,
                 "shape": list(self.shape), "batch": self.batch, "median_s": self.median_s,
-                "weight_bytes": self.weight_bytes, "gb_per_s": self.weight_bytes / self.median_s / 1e9,
+                "weight_bytes": self.weight_bytes, "gb_per_s": gbs, "copies": self.copies,
+                "fraction_of_read_bandwidth": gbs / self.read_gb_per_s if self.read_gb_per_s else None,
                 "fp32_median_s": self.fp32_s, "bf16_median_s": self.bf16_s,
                 "ratio_vs_fp32": self.fp32_s / self.median_s, "ratio_vs_bf16": self.bf16_s / self.median_s}
 
 
 def bench_kernels(shapes=SMOLLM2_SHAPES + LLAMA7B_SHAPES, batches=(1, 16), group: int = 128, cases=CASES,
-                  dequant: bool = True, progress=None) -> list[dict]:
+                  dequant: bool = True, progress=None, hot: bool = False, read_gb_per_s: float | None = None
+                  ) -> list[dict]:
     """Every case on every shape and batch, with ``F.linear`` fp32/bf16 of the same shape and
-    batch measured right before it; plus the dequantize-only kernels (INT vs PoT)."""
+    batch measured right before it; plus the dequantize-only kernels (INT vs PoT). Cold
+    (distinct matrices cycled, see the module docstring) unless ``hot``."""
     from .kernels import native
 
     gen = torch.Generator().manual_seed(0)
@@ -129,35 +191,44 @@ def bench_kernels(shapes=SMOLLM2_SHAPES + LLAMA7B_SHAPES, batches=(1, 16), group
     native.MAX_ROWS = native.MAX_ROWS_BITPLANE = max(batches)
     for shape in shapes:
         n, k = shape
-        w32 = torch.randn(n, k, generator=gen) * 0.02
-        w16 = w32.to(torch.bfloat16)
+        w32 = [torch.randn(n, k, generator=gen) * 0.02 for _ in range(copies_for_cold(4 * n * k, hot))]
+        w16 = [w.to(torch.bfloat16) for w in w32[: copies_for_cold(2 * n * k, hot)]]
         for batch in batches:
             x32 = torch.randn(batch, k, generator=gen)
             x16 = x32.to(torch.bfloat16)
-            fp32_s = median_time(lambda: F.linear(x32, w32))
-            bf16_s = median_time(lambda: F.linear(x16, w16))
+            fp32_s = median_time(Cycle(w32, lambda w: F.linear(x32, w)))
+            bf16_s = median_time(Cycle(w16, lambda w: F.linear(x16, w)))
             for fmt, bits, abits, sym, agroup, asym in cases:
                 act = ActSpec(abits, group if agroup == "w" else -1, asym) if abits < 16 else ActSpec()
                 q = random_module(fmt, bits, shape, group, sym, act, gen)
+                mods = [q] + [random_module(fmt, bits, shape, group, sym, act, gen)
+                              for _ in range(copies_for_cold(packed_bytes(q), hot) - 1)]
                 with kernels.use(backend):
-                    t = median_time(lambda: q(x32))
-                case = KernelCase(fmt, bits, abits, shape, batch, t, packed_bytes(q), fp32_s, bf16_s)
+                    t = median_time(Cycle(mods, lambda m: m(x32)), min_reps=max(5, 2 * len(mods)))
+                case = KernelCase(fmt, bits, abits, shape, batch, t, packed_bytes(q), fp32_s, bf16_s,
+                                  copies=len(mods), read_gb_per_s=read_gb_per_s)
                 out.append(case.to_dict())
                 if progress:
                     progress(out[-1])
+                del mods, q
         if dequant and native.available():
-            fp32_copy = median_time(lambda: w32.clone())
+            fp32_copy = median_time(Cycle(w32, lambda w: w.clone()))
             # INT: (q − z)·s per weight. PoT: the exponent add per weight ("-add"), or once per
             # group into a register table ("-table", what the GEMV uses). "in-cache": rows
             # dequantized into an L1-resident scratch row (the arithmetic); else into memory.
             for fmt, table in (("int", None), ("pot", False), ("pot", True)):
                 for bits in (2, 3, 4):
                     q = random_module(fmt, bits, shape, group, False, ActSpec(), gen)
+                    mods = [q] + [random_module(fmt, bits, shape, group, False, ActSpec(), gen)
+                                  for _ in range(copies_for_cold(packed_bytes(q), hot) - 1)]
                     for scratch in (False, True):
-                        t = median_time(lambda: native.dequantize(q, scratch_only=scratch, pot_table=table))
+                        t = median_time(Cycle(mods, lambda m: native.dequantize(m, scratch_only=scratch,
+                                                                                  pot_table=table)),
+                                        min_reps=max(5, 2 * len(mods)))
                         op = "dequantize" + ("" if table is None else "-table" if table else "-add")
                         case = KernelCase(fmt, bits, 16, shape, 0, t, packed_bytes(q), fp32_copy, fp32_copy,
-                                          op=op + ("-in-cache" if scratch else ""))
+                                          op=op + ("-in-cache" if scratch else ""), copies=len(mods),
+                                          read_gb_per_s=read_gb_per_s)
                         out.append(case.to_dict())
                         if progress:
                             progress(out[-1])

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--batches", default="1,16", help="comma-separated activation rows (default 1,16)")
     bk.add_argument("--group-size", type=int, default=128)
     bk.add_argument("--json", action="store_true", help="print one JSON list, one object per case")
+    bk.add_argument("--hot", action="store_true",
+                    help="time one matrix per case (it may stay in cache); default: cycle distinct matrices "
+                         "totalling 4x the last-level cache, so that every call reads its weights from memory")
     _add_common(bk)
     be = bsub.add_parser("e2e", help="prefill and decode tokens/s and memory against the unquantized model")
     be.add_argument("model", help="quantized folder (or any model) to measure")
@@ -438,18 +441,24 @@ def cmd_bench(args) -> int:
         def show(case):
             if not args.json:
                 shape = "x".join(map(str, case["shape"]))
+                frac = case.get("fraction_of_read_bandwidth")
                 print(f"{case['format']:9s} {case['op']:20s} W{case['bits']}A{case['abits']:<3d} {shape:>11s} "
                       f"b{case['batch']:<3d} {case['median_s'] * 1e3:9.3f} ms {case['gb_per_s']:7.2f} GB/s "
+                      f"{'' if frac is None else f'{100 * frac:4.0f}% bw '}"
                       f"x{case['ratio_vs_fp32']:6.2f} fp32  x{case['ratio_vs_bf16']:6.2f} bf16", flush=True)
 
         info = bench.machine()
         bw = bench.memory_bandwidth()
+        rbw = bench.read_bandwidth()
+        mode = "hot (one matrix per case)" if args.hot else \
+            f"cold (distinct matrices >= {bench.COLD_FACTOR} x LLC {bench.last_level_cache_bytes() >> 20} MiB)"
         if not args.json:
             print(f"# {info['cpu']}, {info['threads']} threads, ISA {info['isa']}, torch {info['torch']}, {info['date']}; "
-                  f"copy bandwidth {bw:.1f} GB/s", flush=True)
-        cases = bench.bench_kernels(shapes, batches, args.group_size, progress=show)
+                  f"copy {bw:.1f} GB/s, read {rbw:.1f} GB/s; {mode}", flush=True)
+        cases = bench.bench_kernels(shapes, batches, args.group_size, progress=show, hot=args.hot, read_gb_per_s=rbw)
         if args.json:
-            print(json.dumps([{**c, "machine": info, "copy_gb_per_s": bw} for c in cases]))
+            print(json.dumps([{**c, "machine": info, "copy_gb_per_s": bw, "read_gb_per_s": rbw, "cold": not args.hot}
+                              for c in cases]))
         return 0
     return _bench_e2e(args)
 
