@@ -48,9 +48,10 @@ def test_cold_mode_cycles_enough_distinct_matrices():
     assert bench.copies_for_cold(16) == bench.MAX_COPIES
     seen = []
     cyc = bench.Cycle([1, 2, 3], seen.append)
+    assert seen == [1, 2, 3]  # each item warmed once
     for _ in range(7):
         cyc()
-    assert seen == [1, 2, 3, 1, 2, 3, 1]
+    assert seen == [1, 2, 3] + [1, 2, 3, 1, 2, 3, 1]
     assert bench.read_bandwidth(1 << 22) > 0
 
 
