@@ -123,7 +123,7 @@ def test_weight_activation_bad_input(tmp_path, capsys):
         (("--method", "potptq", "--wbits", "3", "--abits", "8"), "weights only"),
         (("--scheme", "W4A8G32", "--act-group-size", "7"), "--act-group-size"),
         (("--scheme", "W4A1"), "--abits"),
-        (("--method", "flexq", "--scheme", "W6A16"), "flexq quantizes activations"),
+        (("--method", "flexq", "--scheme", "W6A6", "--a8", "down_(proj"), "regex of layer names"),
         (("--method", "abq", "--scheme", "W4*A8"), "bit balance"),
         (("--method", "smoothquant", "--scheme", "W8A8", "--alpha", "2"), "--alpha"),
     ]

@@ -59,7 +59,10 @@ def _load():
         lib.anybit_bcq_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, p, c_int]
         lib.anybit_bitplane_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, i64, p, p, p, c_int,
                                              c_int, i64, p, p, c_int]
-        for f in ("anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm"):
+        lib.anybit_has_q8.restype = c_int
+        lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int]
+        for f in ("anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
+                  "anybit_int_q8_gemm"):
             getattr(lib, f).restype = None
         env = os.environ.get("ANYBIT_ISA")
         if env:
@@ -162,6 +165,75 @@ def _prep_pot(module):
     return {"qweight": module.qweight.contiguous(), "scales": scales.contiguous(), "bias": _bias(module)}
 
 
+# INT weights at batch <= MAX_ROWS: int8 activations per block and VNNI dot products
+# (kernels_q8.inc), as llama.cpp runs Q4_0; where the CPU has AVX-512 VNNI and the group
+# size is a multiple of 64 (or per channel). The activations' rounding (int8 per block of
+# 128 or the group) is the only difference from the float kernel; ANYBIT_INT_ACT8=0 keeps
+# float activations. Prefill and evaluation (more rows) dequantize and use BLAS, unchanged.
+INT_ACT8 = os.environ.get("ANYBIT_INT_ACT8", "1") != "0"
+Q8_PIECES = {8: ((8, 0),), 7: ((4, 0), (2, 4), (1, 6)), 6: ((4, 0), (2, 4)), 5: ((4, 0), (1, 4)), 4: ((4, 0),),
+             3: ((2, 0), (1, 2)), 2: ((2, 0),)}
+
+
+def q8_block(spec, k: int) -> int | None:
+    """The activation block of the int8 kernel for this layer, or None if it does not apply."""
+    g = k if spec.group_size == -1 else spec.group_size
+    if spec.group_size == -1 or g % 128 == 0:
+        return 128
+    return g if g % 64 == 0 else None
+
+
+def _q8_usable(module) -> bool:
+    return (INT_ACT8 and module.spec.format == "int" and not module.act.enabled and 2 <= module.spec.bits <= 8
+            and q8_block(module.spec, module.in_features) is not None and bool(_lib.anybit_has_q8()))
+
+
+Q8_ROWS = 4  # rows per block of the layout (kernels_q8.inc: R)
+
+
+def q8_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``uint8 [N, K]`` in the piece layout of kernels_q8.inc: blocks of 4 rows,
+    ``uint8 [ceil(N/4), 4·row_bytes]``, each piece's units interleaved row by row."""
+    n, k = codes.shape
+    c = -(-k // 64)
+    nb = -(-n // Q8_ROWS)
+    codes = torch.nn.functional.pad(codes, (0, c * 64 - k, 0, nb * Q8_ROWS - n)).view(nb, Q8_ROWS, c, 64)
+    parts = []
+    for width, shift in Q8_PIECES[bits]:
+        v = (codes >> shift) & ((1 << width) - 1)  # [blocks, R, C, 64]
+        if width == 8:
+            units = v  # unit = a chunk of 64 bytes
+        elif width == 1:
+            bits8 = v.view(nb, Q8_ROWS, c, 8, 8).to(torch.int32)  # [.., chunk, byte i, bit t] = code 8i + t
+            units = (bits8 << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)  # [.., C, 8]
+        else:
+            per = 8 // width
+            cl = -(-c // per) * per
+            v = torch.nn.functional.pad(v, (0, 0, 0, cl - c)).view(nb, Q8_ROWS, cl // per, per, 64).to(torch.int32)
+            shifts = (torch.arange(per, dtype=torch.int32) * width).view(1, 1, 1, per, 1)
+            units = (v << shifts).sum(3).to(torch.uint8)  # [.., lines, 64]
+        parts.append(units.transpose(1, 2).reshape(nb, -1))  # unit u of row r at u·R + r
+    return torch.cat(parts, 1).contiguous()
+
+
+def _prep_int_q8(module):
+    codes, scales, zeros = intfmt.IntFormat().unpack(module.packed(), module.spec, module.shape)
+    return {"w": q8_layout(codes, module.spec.bits), "scales": scales.contiguous(),
+            "szs": (scales * zeros).contiguous(), "bias": _bias(module)}
+
+
+def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
+    d = _cached(module, _prep_int_q8)
+    n, k = module.shape
+    g, ng = _group(module.spec, k)
+    xf = _flat(x, k)
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    _lib.anybit_int_q8_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["w"]), d["w"].shape[1] // Q8_ROWS, n, module.spec.bits, g, ng,
+                            q8_block(module.spec, k), _ptr(d["scales"]), _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y),
+                            _threads(xf.shape[0] * n * k))
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
 def _dequantized_linear(x: torch.Tensor, module) -> torch.Tensor:
     """Many rows: the native dequantize kernel into the shared scratch weight, then BLAS
     (no float copy of each weight stays in memory, unlike the reference backend's cache)."""
@@ -173,6 +245,8 @@ def _weight_only(x: torch.Tensor, module, pot: bool) -> torch.Tensor:
     """INT or PoT weights, float activations: the GEMV/GEMM kernel, or dequantize + BLAS."""
     if _too_many_rows(x, module.in_features):
         return _dequantized_linear(x, module)
+    if not pot and _q8_usable(module):
+        return _int_q8(x, module)
     d = _cached(module, _prep_pot if pot else _prep_int)
     n, k = module.shape
     g, ng = _group(module.spec, k)

@@ -37,6 +37,13 @@ namespace isa_avx512 {
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace isa_vnni {
+#include "kernels_q8.inc"
+}  // namespace isa_vnni
+#pragma GCC pop_options
+
 static int g_isa = -1;
 
 extern "C" {
@@ -88,6 +95,29 @@ void anybit_pot_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qweigh
         DISPATCH(weight_only_gemm<2>(x, M, K, qweight, row_bytes, N, bits, zero, gsize, G, scales, nullptr, bias, y, nthreads))
     } else {
         DISPATCH(weight_only_gemm<1>(x, M, K, qweight, row_bytes, N, bits, zero, gsize, G, scales, nullptr, bias, y, nthreads))
+    }
+}
+
+// 1 if the int8-activation kernels (AVX-512 VNNI) can run: the CPU has them and the
+// instruction set in use is AVX-512
+int anybit_has_q8(void) {
+    __builtin_cpu_init();
+    return anybit_get_isa() == 2 && __builtin_cpu_supports("avx512vnni");
+}
+
+// INT weights in the piece layout of kernels_q8.inc against int8-quantized activations;
+// B: activation block (a multiple of 64 dividing the group, or 128 per channel)
+void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
+                        int bits, int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs,
+                        const float* bias, float* y, int nthreads) {
+    switch (bits) {
+        case 2: isa_vnni::q8::gemm<2>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
+        case 3: isa_vnni::q8::gemm<3>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
+        case 4: isa_vnni::q8::gemm<4>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
+        case 5: isa_vnni::q8::gemm<5>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
+        case 6: isa_vnni::q8::gemm<6>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
+        case 7: isa_vnni::q8::gemm<7>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
+        default: isa_vnni::q8::gemm<8>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
     }
 }
 
