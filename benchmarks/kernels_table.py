@@ -13,14 +13,19 @@ import sys
 def main(path: str) -> None:
     rows = json.load(open(path))
     m = rows[0]["machine"]
+    read = rows[0].get("read_gb_per_s")
+    mode = "" if "cold" not in rows[0] else ("; cold (distinct matrices cycled, weights read from memory)"
+                                              if rows[0]["cold"] else "; hot (one matrix per case)")
     print(f"Machine: {m['cpu']}, {m['threads']} threads, ISA {m['isa']}, torch {m['torch']}, {m['date']}; "
-          f"copy bandwidth {rows[0]['copy_gb_per_s']:.1f} GB/s (read + write).\n")
+          f"copy bandwidth {rows[0]['copy_gb_per_s']:.1f} GB/s (read + write)"
+          + (f", streaming read {read:.1f} GB/s" if read else "") + f"{mode}.\n")
     shapes = []
     for r in rows:
         if r["shape"] not in shapes:
             shapes.append(r["shape"])
     for batch in sorted({r["batch"] for r in rows if r["op"] == "gemm"}):
-        print(f"\n### GEMV/GEMM, batch {batch}: ratio to F.linear fp32 (bf16), median time\n")
+        extra = ", % of the read bandwidth" if rows[0].get("read_gb_per_s") else ""
+        print(f"\n### GEMV/GEMM, batch {batch}: ratio to F.linear fp32 (bf16), median time{extra}\n")
         print("| format | " + " | ".join(f"{s[0]}×{s[1]}" for s in shapes) + " |")
         print("|---|" + "---|" * len(shapes))
         cases = []
@@ -33,8 +38,10 @@ def main(path: str) -> None:
             for s in shapes:
                 r = next((r for r in rows if r["op"] == "gemm" and r["batch"] == batch and r["shape"] == s
                           and (r["format"], r["bits"], r["abits"]) == (fmt, bits, abits)), None)
+                frac = None if r is None else r.get("fraction_of_read_bandwidth")
                 cells.append("–" if r is None else
-                             f"×{r['ratio_vs_fp32']:.2f} (×{r['ratio_vs_bf16']:.2f}) {r['median_s'] * 1e3:.3f} ms")
+                             f"×{r['ratio_vs_fp32']:.2f} (×{r['ratio_vs_bf16']:.2f}) {r['median_s'] * 1e3:.3f} ms"
+                             + (f", {100 * frac:.0f} %" if frac is not None and batch == 1 else ""))
             name = f"{fmt} W{bits}" + (f"A{abits}" if abits < 16 else "")
             print(f"| {name} | " + " | ".join(cells) + " |")
         fp = {tuple(s): next(r for r in rows if r["shape"] == s and r["batch"] == batch and r["op"] == "gemm")
