@@ -207,10 +207,12 @@ def run_cell(settings: GridSettings, cell: Cell, run_dir: Path | None = None) ->
         with measure() as m:
             quantize(lm.model, cfg, calib, progress=True,
                      run_dir=run_dir if run_dir is not None and get_method(cfg.method).needs_calibration else None)
-        row.update(quantize_s=round(m.seconds, 2), peak_rss_mib=round(m.peak_rss_mib))
-        resumed = getattr(lm.model, "anybit_info", {}).get("resumed_after_s")
-        if resumed is not None:  # the cell resumed a killed run: its time counts too; peak RSS is this process's
-            row.update(quantize_s=round(m.seconds + resumed, 2), resumed=True)
+        row.update(quantize_s=round(m.seconds, 2), quantize_cpu_s=round(m.cpu_seconds, 1),
+                   peak_rss_mib=round(m.peak_rss_mib))
+        info = getattr(lm.model, "anybit_info", {})
+        if info.get("resumed_after_s") is not None:  # a resumed run: its earlier time counts too; peak RSS is this process's
+            row.update(quantize_s=round(m.seconds + info["resumed_after_s"], 2),
+                       quantize_cpu_s=round(m.cpu_seconds + info.get("resumed_after_cpu_s", 0.0), 1), resumed=True)
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
         blocks = getattr(lm.model, "anybit_info", {}).get("blocks")

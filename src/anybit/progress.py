@@ -32,10 +32,19 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 @dataclass
 class Measurement:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    # CPU time of the process (all threads): unlike wall time it does not count periods the
+    # process was stopped (SIGSTOP) or waited for the cores
+    cpu_seconds: float = 0.0
 
     @property
     def peak_rss_mib(self) -> float:
@@ -53,7 +62,7 @@ def measure(interval: float = 0.05) -> Iterator[Measurement]:
             m.peak_rss_bytes = max(m.peak_rss_bytes, _rss_bytes())
 
     t = threading.Thread(target=sample, daemon=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     t.start()
     try:
         yield m
@@ -61,4 +70,5 @@ def measure(interval: float = 0.05) -> Iterator[Measurement]:
         stop.set()
         t.join()
         m.seconds = time.perf_counter() - t0
+        m.cpu_seconds = cpu_seconds() - c0
         m.peak_rss_bytes = max(m.peak_rss_bytes, _rss_bytes())

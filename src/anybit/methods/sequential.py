@@ -33,7 +33,7 @@ from torch import nn
 from ..formats import ActSpec, FormatSpec
 from ..models import Adapter
 from ..nn import QuantLinear
-from ..progress import bar
+from ..progress import bar, cpu_seconds
 from .base import LayerReport, MethodResult
 
 DEFAULT_BATCH = 4
@@ -237,8 +237,9 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
         result.layers = [LayerReport(r["name"], FormatSpec.from_dict(r["spec"]), r["error"]) for r in prog["reports"]]
         if prog.get("blocks"):
             result.extra["blocks"] = prog["blocks"]
-        # wall time the earlier process(es) spent on the blocks already done
+        # wall and CPU time the earlier process(es) spent on the blocks already done
         result.extra["resumed_after_s"] = float(prog.get("elapsed_s", 0.0))
+        result.extra["resumed_after_cpu_s"] = float(prog.get("cpu_s", 0.0))
     where = run_dir if folder else None
     if fp_chain:
         inputs.fp_hidden = alloc_acts(tuple(inputs.hidden.shape), where, "acts_fp_a")
@@ -253,6 +254,7 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
     it = bar(range(start, len(blocks)), desc=desc, total=len(blocks), enabled=progress, unit="block", initial=start)
     kill_after = int(os.environ.get("ANYBIT_TEST_KILL_AFTER_BLOCK", "-1"))  # test hook: simulate a crash
     t_start, before = time.perf_counter(), float(prog.get("elapsed_s", 0.0)) if prog else 0.0
+    c_start, cpu_before = cpu_seconds(), float(prog.get("cpu_s", 0.0)) if prog else 0.0
     for i in it:
         block = blocks[i]
         if fp_chain:  # the float block's outputs, before the method changes it
@@ -282,7 +284,8 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
                 "key": key, "done": i + 1, "layers": layers,
                 "reports": [{"name": r.name, "spec": r.spec.to_dict(), "error": r.error} for r in result.layers],
                 "blocks": result.extra.get("blocks", []),
-                "elapsed_s": before + time.perf_counter() - t_start},
+                "elapsed_s": before + time.perf_counter() - t_start,
+                "cpu_s": cpu_before + cpu_seconds() - c_start},
                 fp_next=inputs.fp_hidden if fp_chain else None)
         if i == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
