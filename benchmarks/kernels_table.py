@@ -39,10 +39,12 @@ def main(path: str) -> None:
                 r = next((r for r in rows if r["op"] == "gemm" and r["batch"] == batch and r["shape"] == s
                           and (r["format"], r["bits"], r["abits"]) == (fmt, bits, abits)), None)
                 frac = None if r is None else r.get("fraction_of_read_bandwidth")
+                bf16 = "" if r is None or r.get("ratio_vs_bf16") is None else f" (×{r['ratio_vs_bf16']:.2f})"
                 cells.append("–" if r is None else
-                             f"×{r['ratio_vs_fp32']:.2f} (×{r['ratio_vs_bf16']:.2f}) {r['median_s'] * 1e3:.3f} ms"
+                             f"×{r['ratio_vs_fp32']:.2f}{bf16} {r['median_s'] * 1e3:.3f} ms"
                              + (f", {100 * frac:.0f} %" if frac is not None and batch == 1 else ""))
-            name = f"{fmt} W{bits}" + (f"A{abits}" if abits < 16 else "")
+            name = (f"{fmt} ({bits} b/w)" if fmt.startswith("llama.cpp")
+                    else f"{fmt} W{bits}" + (f"A{abits}" if abits < 16 else ""))
             print(f"| {name} | " + " | ".join(cells) + " |")
         fp = {tuple(s): next(r for r in rows if r["shape"] == s and r["batch"] == batch and r["op"] == "gemm")
               for s in shapes}

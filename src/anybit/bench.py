@@ -180,11 +180,13 @@ class KernelCase:
 
 
 def bench_kernels(shapes=SMOLLM2_SHAPES + LLAMA7B_SHAPES, batches=(1, 16), group: int = 128, cases=CASES,
-                  dequant: bool = True, progress=None, hot: bool = False, read_gb_per_s: float | None = None
-                  ) -> list[dict]:
+                  dequant: bool = True, progress=None, hot: bool = False, read_gb_per_s: float | None = None,
+                  against: tuple[str, ...] = ()) -> list[dict]:
     """Every case on every shape and batch, with ``F.linear`` fp32/bf16 of the same shape and
     batch measured right before it; plus the dequantize-only kernels (INT vs PoT). Cold
-    (distinct matrices cycled, see the module docstring) unless ``hot``."""
+    (distinct matrices cycled, see the module docstring) unless ``hot``. ``against``:
+    ``("llama.cpp",)`` adds ggml's products on the nearest ggml types, same shapes, batches,
+    threads and cold rotation (:mod:`anybit.peers.llama_cpp`)."""
     from .kernels import native
 
     gen = torch.Generator().manual_seed(0)
@@ -215,6 +217,14 @@ def bench_kernels(shapes=SMOLLM2_SHAPES + LLAMA7B_SHAPES, batches=(1, 16), group
                 if progress:
                     progress(out[-1])
                 del mods, q
+            if "llama.cpp" in against:
+                from .peers import llama_cpp
+
+                for row in llama_cpp.kernel_rows(shape, batch, lambda b: copies_for_cold(b, hot), median_time,
+                                                 torch.get_num_threads(), read_gb_per_s=read_gb_per_s, fp32_s=fp32_s):
+                    out.append(row)
+                    if progress:
+                        progress(row)
         if dequant and native.available():
             fp32_copy = median_time(Cycle(w32, lambda w: w.clone()))
             # INT: (q − z)·s per weight. PoT: the exponent add per weight ("-add"), or once per

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--batches", default="1,16", help="comma-separated activation rows (default 1,16)")
     bk.add_argument("--group-size", type=int, default=128)
     bk.add_argument("--json", action="store_true", help="print one JSON list, one object per case")
+    bk.add_argument("--against", default=None, choices=["llama.cpp"],
+                    help="also time the peer's kernels in the same run (llama.cpp: ggml's products on the nearest "
+                         "ggml types; needs pip install -e '.[bench]')")
     bk.add_argument("--hot", action="store_true",
                     help="time one matrix per case (it may stay in cache); default: cycle distinct matrices "
                          "totalling 4x the last-level cache, so that every call reads its weights from memory")
@@ -442,11 +445,20 @@ def cmd_bench(args) -> int:
             if not args.json:
                 shape = "x".join(map(str, case["shape"]))
                 frac = case.get("fraction_of_read_bandwidth")
+                bf16 = "" if case["ratio_vs_bf16"] is None else f"  x{case['ratio_vs_bf16']:6.2f} bf16"
                 print(f"{case['format']:9s} {case['op']:20s} W{case['bits']}A{case['abits']:<3d} {shape:>11s} "
                       f"b{case['batch']:<3d} {case['median_s'] * 1e3:9.3f} ms {case['gb_per_s']:7.2f} GB/s "
                       f"{'' if frac is None else f'{100 * frac:4.0f}% bw '}"
-                      f"x{case['ratio_vs_fp32']:6.2f} fp32  x{case['ratio_vs_bf16']:6.2f} bf16", flush=True)
+                      f"x{case['ratio_vs_fp32']:6.2f} fp32{bf16}", flush=True)
 
+        against = ()
+        if args.against == "llama.cpp":
+            from .peers import llama_cpp
+
+            why = llama_cpp.unavailable()
+            if why:
+                raise AnybitError(why)
+            against = ("llama.cpp",)
         info = bench.machine()
         bw = bench.memory_bandwidth()
         rbw = bench.read_bandwidth()
@@ -455,7 +467,8 @@ def cmd_bench(args) -> int:
         if not args.json:
             print(f"# {info['cpu']}, {info['threads']} threads, ISA {info['isa']}, torch {info['torch']}, {info['date']}; "
                   f"copy {bw:.1f} GB/s, read {rbw:.1f} GB/s; {mode}", flush=True)
-        cases = bench.bench_kernels(shapes, batches, args.group_size, progress=show, hot=args.hot, read_gb_per_s=rbw)
+        cases = bench.bench_kernels(shapes, batches, args.group_size, progress=show, hot=args.hot, read_gb_per_s=rbw,
+                                    against=against)
         if args.json:
             print(json.dumps([{**c, "machine": info, "copy_gb_per_s": bw, "read_gb_per_s": rbw, "cold": not args.hot}
                               for c in cases]))

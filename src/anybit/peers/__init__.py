@@ -1,0 +1,1 @@
+"""Peer tools measured or checked next to anybit (optional extras)."""

@@ -1,0 +1,179 @@
+"""llama.cpp measured in the same run as anybit (the optional ``[bench]`` extra:
+llama-cpp-python built from its source by pip, which brings libggml and libllama).
+
+Kernels: ggml's own matrix-vector/matrix product (``ggml_mul_mat`` on the CPU backend,
+``ggml_graph_compute_with_ctx``) on weights quantized by ggml itself
+(``ggml_quantize_chunk``), cold like anybit's benchmark: distinct weight tensors cycled
+until they exceed 4x the last-level cache. The activations are float32 as in anybit; ggml
+quantizes them itself (to Q8_0 / Q8_K) inside the product, as it does in llama.cpp.
+
+Reached through ctypes on the libraries that llama-cpp-python installs; nothing here
+imports llama_cpp at module import, so anybit works without the extra.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from ctypes import c_bool, c_int, c_int64, c_size_t, c_void_p
+from pathlib import Path
+
+import torch
+
+# ggml_type values (ggml.h; stable)
+GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+              "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+# block length of each type (a row must be a multiple of it)
+BLOCK = {"F32": 1, "F16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q2_K": 256, "Q3_K": 256,
+         "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+# the ggml types nearest each anybit weight format (for `bench kernels --against llama.cpp`)
+NEAREST = ("F32", "Q8_0", "Q4_0", "Q4_K", "Q3_K", "Q2_K")
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", c_size_t), ("mem_buffer", c_void_p), ("no_alloc", c_bool)]
+
+
+_libs = None
+_why: str | None = None
+
+
+def _lib_dir() -> Path | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "lib"
+
+
+def unavailable() -> str | None:
+    """Why llama.cpp cannot be measured here (None if it can)."""
+    _load()
+    return _why
+
+
+def _load():
+    global _libs, _why
+    if _libs is not None or _why is not None:
+        return _libs
+    d = _lib_dir()
+    if d is None:
+        _why = ("llama.cpp is not installed: pip install -e '.[bench]' (builds llama-cpp-python from source; "
+                "see README)")
+        return None
+    try:
+        mode = getattr(ctypes, "RTLD_GLOBAL", 0)
+        base = ctypes.CDLL(str(d / "libggml-base.so"), mode=mode)
+        cpu = ctypes.CDLL(str(d / "libggml-cpu.so"), mode=mode)
+    except OSError as e:
+        _why = f"llama.cpp's libraries do not load ({e}); reinstall the [bench] extra"
+        return None
+    p, i64 = c_void_p, c_int64
+    base.ggml_init.restype = p
+    base.ggml_init.argtypes = [_InitParams]
+    base.ggml_free.argtypes = [p]
+    base.ggml_new_tensor_2d.restype = p
+    base.ggml_new_tensor_2d.argtypes = [p, c_int, i64, i64]
+    base.ggml_get_data.restype = p
+    base.ggml_get_data.argtypes = [p]
+    base.ggml_mul_mat.restype = p
+    base.ggml_mul_mat.argtypes = [p, p, p]
+    base.ggml_new_graph.restype = p
+    base.ggml_new_graph.argtypes = [p]
+    base.ggml_build_forward_expand.argtypes = [p, p]
+    base.ggml_graph_overhead.restype = c_size_t
+    base.ggml_tensor_overhead.restype = c_size_t
+    base.ggml_row_size.restype = c_size_t
+    base.ggml_row_size.argtypes = [c_int, i64]
+    base.ggml_quantize_chunk.restype = c_size_t
+    base.ggml_quantize_chunk.argtypes = [c_int, p, p, i64, i64, i64, p]
+    cpu.ggml_graph_compute_with_ctx.restype = c_int
+    cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, c_int]
+    if hasattr(cpu, "ggml_cpu_init"):
+        cpu.ggml_cpu_init()
+    _libs = (base, cpu)
+    return _libs
+
+
+class MulMat:
+    """``copies`` distinct ggml weight tensors ``[N, K]`` of ``type_name`` (quantized by ggml
+    from random float weights) and one float32 activation ``[M, K]``; ``__call__`` computes
+    the next copy's product (a cold rotation)."""
+
+    def __init__(self, type_name: str, n: int, k: int, m: int, copies: int, threads: int, seed: int = 0):
+        base, cpu = _load()
+        self.base, self.cpu, self.threads = base, cpu, threads
+        t = GGML_TYPES[type_name]
+        self.weight_bytes = base.ggml_row_size(t, k) * n
+        size = copies * (self.weight_bytes + 4 * n * m + 3 * base.ggml_tensor_overhead() + base.ggml_graph_overhead())
+        size += 4 * m * k + base.ggml_tensor_overhead() + (1 << 20)
+        self.ctx = base.ggml_init(_InitParams(size, None, False))
+        if not self.ctx:
+            raise MemoryError(f"ggml_init({size} bytes) failed")
+        gen = torch.Generator().manual_seed(seed)
+        x = base.ggml_new_tensor_2d(self.ctx, GGML_TYPES["F32"], k, m)
+        xs = torch.randn(m, k, generator=gen).contiguous()
+        ctypes.memmove(base.ggml_get_data(x), xs.data_ptr(), 4 * m * k)
+        self.graphs = []
+        for _ in range(copies):
+            w = base.ggml_new_tensor_2d(self.ctx, t, k, n)
+            wf = (torch.randn(n, k, generator=gen) * 0.02).contiguous()
+            if type_name == "F32":
+                ctypes.memmove(base.ggml_get_data(w), wf.data_ptr(), 4 * n * k)
+            else:
+                base.ggml_quantize_chunk(t, wf.data_ptr(), base.ggml_get_data(w), 0, n, k, None)
+            out = base.ggml_mul_mat(self.ctx, w, x)
+            gf = base.ggml_new_graph(self.ctx)
+            base.ggml_build_forward_expand(gf, out)
+            self.graphs.append(gf)
+        self.i = 0
+        for gf in self.graphs:  # first calls (thread start-up, scratch buffers) untimed
+            cpu.ggml_graph_compute_with_ctx(self.ctx, gf, threads)
+
+    def __call__(self) -> None:
+        gf = self.graphs[self.i]
+        self.i = (self.i + 1) % len(self.graphs)
+        if self.cpu.ggml_graph_compute_with_ctx(self.ctx, gf, self.threads) != 0:
+            raise RuntimeError("ggml_graph_compute failed")
+
+    def close(self) -> None:
+        if self.ctx:
+            self.base.ggml_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        self.close()
+
+
+def supports(type_name: str, k: int) -> bool:
+    return k % BLOCK[type_name] == 0
+
+
+def bits_per_weight(type_name: str, k: int) -> float:
+    base, _ = _load()
+    return base.ggml_row_size(GGML_TYPES[type_name], k) * 8 / k
+
+
+def kernel_rows(shape: tuple[int, int], batch: int, copies_for, median_time, threads: int,
+                types=NEAREST, read_gb_per_s: float | None = None, fp32_s: float | None = None) -> list[dict]:
+    """Rows of ``bench kernels`` for ggml's product at one shape and batch."""
+    n, k = shape
+    rows = []
+    for name in types:
+        if not supports(name, k):
+            continue
+        base, _ = _load()
+        nbytes = base.ggml_row_size(GGML_TYPES[name], k) * n
+        mm = MulMat(name, n, k, batch, copies_for(nbytes), threads)
+        try:
+            t = median_time(mm, min_reps=max(5, 2 * len(mm.graphs)))
+        finally:
+            mm.close()
+        gbs = nbytes / t / 1e9
+        rows.append({"format": f"llama.cpp {name}", "op": "gemm", "bits": round(bits_per_weight(name, k), 3),
+                     "abits": 16, "shape": [n, k], "batch": batch, "median_s": t, "weight_bytes": nbytes,
+                     "gb_per_s": gbs, "copies": len(mm.graphs),
+                     "fraction_of_read_bandwidth": gbs / read_gb_per_s if read_gb_per_s else None,
+                     "fp32_median_s": fp32_s, "bf16_median_s": None,
+                     "ratio_vs_fp32": fp32_s / t if fp32_s else None, "ratio_vs_bf16": None})
+    return rows
+
