@@ -65,36 +65,36 @@ def test_int(isa, bits, group, sym, monkeypatch):
 
 def _q8_emulation(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """What the int8-activation kernel computes, in float64: activations rounded to int8 per
-    block with scale max|x|/127, exact integer dot products, the group scale and zero point."""
-    from anybit.formats import int as intfmt
-
+    block with scale max|x|/127, times the dequantized weight (an exact float of the code:
+    a float16 scale times a small integer)."""
     n, k = q.shape
-    codes, s, z = intfmt.IntFormat().unpack(q.packed(), q.spec, q.shape)
-    b, g = native.q8_block(q.spec, k), k if q.spec.group_size == -1 else q.spec.group_size
+    w = q.dequantize_weight().double()
+    b = native.q8_block(q.spec, k)
     out = torch.zeros(x.shape[0], n, dtype=torch.float64)
     for k0 in range(0, k, b):
-        k1, gi = min(k, k0 + b), k0 // g
+        k1 = min(k, k0 + b)
         amax = x[:, k0:k1].abs().amax(1, keepdim=True)
         inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
         xq = torch.round(x[:, k0:k1] * inv).double()
-        sx = (amax / 127.0).double()
-        out += (xq @ codes[:, k0:k1].double().t()) * (s[:, gi].double() * sx)
-        out -= (s[:, gi] * z[:, gi]).double() * (sx * xq.sum(1, keepdim=True))
+        out += (xq @ w[:, k0:k1].t()) * (amax / 127.0).double()
     return out + (q.bias.double() if q.bias is not None else 0)
 
 
+Q8_CASES = [("int", b, s) for b in (2, 3, 4, 5, 6, 7, 8) for s in (False, True)] + \
+    [("pot", 2, False), ("pot", 3, False), ("potz", 2, False), ("potz", 3, False), ("potz", 4, False)]
+
+
 @pytest.mark.skipif(not native.available() or not native._lib.anybit_has_q8(), reason="no AVX-512 VNNI")
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("fmt,bits,sym", Q8_CASES)
 @pytest.mark.parametrize("group", [64, 128, 256, -1])
-@pytest.mark.parametrize("sym", [False, True])
-def test_int_int8_activations(bits, group, sym):
+def test_int_int8_activations(fmt, bits, sym, group):
     """INT weights against int8 activations (VNNI): equal to the emulation of its arithmetic,
     and within the int8 rounding of the float reference; odd N (blocks of 4 rows padded), K
     not a multiple of the group or of 64, batch 1 to 5."""
     for n, k, m in [(37, 576, 1), (5, 200, 3), (19, 1536, 5), (4, 64, 2), (9, 300, 4)]:
-        q = QuantLinear.from_linear(linear(n, k), FormatSpec("int", bits, group, sym))
-        if native.q8_block(q.spec, k) is None:
-            continue
+        opts = {"grid": (0.5, 0.8, 1.0)} if fmt != "int" else {}
+        q = QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group, sym), **opts)
+        assert native._q8_usable(q)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k))
         with kernels.use("native"):
             out = q(x)
@@ -106,6 +106,9 @@ def test_int_int8_activations(bits, group, sym):
 
 
 def test_int8_activation_path_only_where_it_applies():
+    assert native.pot_levels(FormatSpec("pot", 4, 128)) is None  # ±128 does not fit a byte: the float kernel
+    assert native.pot_levels(FormatSpec("pot", 3, 128)) == ([1, 2, 4, 8, -1, -2, -4, -8], 8)
+    assert native.pot_levels(FormatSpec("potz", 3, 128)) == ([0, 1, 2, 4, 0, -1, -2, -4], 4)
     assert native.q8_block(FormatSpec("int", 4, 32), 576) is None  # groups below 64: the float kernel
     assert native.q8_block(FormatSpec("int", 4, 50), 100) is None
     assert native.q8_block(FormatSpec("int", 4, 64), 576) == 64
@@ -119,6 +122,7 @@ def test_int8_activation_path_only_where_it_applies():
 @pytest.mark.parametrize("table", [True, False])
 def test_pot(isa, fmt, bits, group, table, monkeypatch):
     monkeypatch.setattr(native, "POT_TABLE", table)
+    monkeypatch.setattr(native, "INT_ACT8", False)  # the float-activation kernel (the int8 one: below)
     for n, k, m in SHAPES:
         # a short scale grid: the kernel, not the scale search, is under test
         q = QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group), grid=(0.5, 0.8, 1.0))

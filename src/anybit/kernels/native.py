@@ -60,7 +60,7 @@ def _load():
         lib.anybit_bitplane_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, i64, p, p, p, c_int,
                                              c_int, i64, p, p, c_int]
         lib.anybit_has_q8.restype = c_int
-        lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int]
+        lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int, p]
         for f in ("anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
                   "anybit_int_q8_gemm"):
             getattr(lib, f).restype = None
@@ -183,9 +183,28 @@ def q8_block(spec, k: int) -> int | None:
     return g if g % 64 == 0 else None
 
 
+def pot_levels(spec) -> tuple[list[int], int] | None:
+    """PoT codes as integer levels (times the group scale) and the offset Z that makes them
+    unsigned bytes, or None if a level does not fit (pot W4: ±128)."""
+    b = spec.bits
+    levels = []
+    for c in range(1 << b):
+        e, neg = c & ((1 << (b - 1)) - 1), c >> (b - 1)
+        mag = (0 if e == 0 else 1 << (e - 1)) if potfmt.has_zero(spec) else 1 << e
+        levels.append(-mag if neg else mag)
+    z = max(abs(v) for v in levels)
+    return (levels, z) if 2 * z <= 255 else None
+
+
 def _q8_usable(module) -> bool:
-    return (INT_ACT8 and module.spec.format == "int" and not module.act.enabled and 2 <= module.spec.bits <= 8
-            and q8_block(module.spec, module.in_features) is not None and bool(_lib.anybit_has_q8()))
+    spec = module.spec
+    if not INT_ACT8 or module.act.enabled or q8_block(spec, module.in_features) is None:
+        return False
+    if spec.format == "int":
+        ok = 2 <= spec.bits <= 8
+    else:
+        ok = spec.format in ("pot", "potz") and pot_levels(spec) is not None
+    return ok and bool(_lib.anybit_has_q8())
 
 
 Q8_ROWS = 4  # rows per block of the layout (kernels_q8.inc: R)
@@ -217,9 +236,19 @@ def q8_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _prep_int_q8(module):
-    codes, scales, zeros = intfmt.IntFormat().unpack(module.packed(), module.spec, module.shape)
-    return {"w": q8_layout(codes, module.spec.bits), "scales": scales.contiguous(),
-            "szs": (scales * zeros).contiguous(), "bias": _bias(module)}
+    spec = module.spec
+    if spec.format == "int":
+        codes, scales, zeros = intfmt.IntFormat().unpack(module.packed(), spec, module.shape)
+        table = None
+    else:  # PoT: codes -> level + Z through the kernel's byte table; Z is the zero point
+        codes, s16 = get_format(spec.format).unpack(module.packed(), spec, module.shape)
+        levels, z = pot_levels(spec)
+        scales = s16.float()
+        zeros = torch.full_like(scales, float(z))
+        table = torch.zeros(16, dtype=torch.uint8)
+        table[: len(levels)] = torch.tensor([v + z for v in levels], dtype=torch.uint8)
+    return {"w": q8_layout(codes, spec.bits), "scales": scales.contiguous(), "szs": (scales * zeros).contiguous(),
+            "bias": _bias(module), "table": table}
 
 
 def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
@@ -230,7 +259,7 @@ def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     _lib.anybit_int_q8_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["w"]), d["w"].shape[1] // Q8_ROWS, n, module.spec.bits, g, ng,
                             q8_block(module.spec, k), _ptr(d["scales"]), _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y),
-                            _threads(xf.shape[0] * n * k))
+                            _threads(xf.shape[0] * n * k), _ptr(d["table"]))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -245,7 +274,7 @@ def _weight_only(x: torch.Tensor, module, pot: bool) -> torch.Tensor:
     """INT or PoT weights, float activations: the GEMV/GEMM kernel, or dequantize + BLAS."""
     if _too_many_rows(x, module.in_features):
         return _dequantized_linear(x, module)
-    if not pot and _q8_usable(module):
+    if _q8_usable(module):
         return _int_q8(x, module)
     d = _cached(module, _prep_pot if pot else _prep_int)
     n, k = module.shape

@@ -107,18 +107,22 @@ int anybit_has_q8(void) {
 
 // INT weights in the piece layout of kernels_q8.inc against int8-quantized activations;
 // B: activation block (a multiple of 64 dividing the group, or 128 per channel)
+// table: nullptr for INT codes, else 16 bytes mapping each (PoT) code to level + Z
 void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
                         int bits, int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs,
-                        const float* bias, float* y, int nthreads) {
+                        const float* bias, float* y, int nthreads, const uint8_t* table) {
+#define Q8(BITS)                                                                                                  \
+    case BITS:                                                                                                    \
+        if (table)                                                                                                \
+            isa_vnni::q8::gemm<BITS, true>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
+        else                                                                                                      \
+            isa_vnni::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
+        break;
     switch (bits) {
-        case 2: isa_vnni::q8::gemm<2>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
-        case 3: isa_vnni::q8::gemm<3>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
-        case 4: isa_vnni::q8::gemm<4>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
-        case 5: isa_vnni::q8::gemm<5>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
-        case 6: isa_vnni::q8::gemm<6>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
-        case 7: isa_vnni::q8::gemm<7>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
-        default: isa_vnni::q8::gemm<8>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads); break;
+        Q8(2) Q8(3) Q8(4) Q8(5) Q8(6) Q8(7) Q8(8)
+        default: break;
     }
+#undef Q8
 }
 
 void anybit_dequant(int kind, const uint8_t* qweight, int64_t row_bytes, int64_t N, int64_t K, int bits, int zero,
