@@ -34,6 +34,11 @@ class _InitParams(ctypes.Structure):
     _fields_ = [("mem_size", c_size_t), ("mem_buffer", c_void_p), ("no_alloc", c_bool)]
 
 
+class _CPlan(ctypes.Structure):  # struct ggml_cplan (ggml-cpu.h)
+    _fields_ = [("work_size", c_size_t), ("work_data", c_void_p), ("n_threads", c_int), ("threadpool", c_void_p),
+                ("abort_callback", c_void_p), ("abort_callback_data", c_void_p), ("use_ref", c_bool)]
+
+
 _libs = None
 _why: str | None = None
 
@@ -86,8 +91,10 @@ def _load():
     base.ggml_row_size.argtypes = [c_int, i64]
     base.ggml_quantize_chunk.restype = c_size_t
     base.ggml_quantize_chunk.argtypes = [c_int, p, p, i64, i64, i64, p]
-    cpu.ggml_graph_compute_with_ctx.restype = c_int
-    cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, c_int]
+    cpu.ggml_graph_plan.restype = _CPlan
+    cpu.ggml_graph_plan.argtypes = [p, c_int, p]
+    cpu.ggml_graph_compute.restype = c_int
+    cpu.ggml_graph_compute.argtypes = [p, ctypes.POINTER(_CPlan)]
     if hasattr(cpu, "ggml_cpu_init"):
         cpu.ggml_cpu_init()
     _libs = (base, cpu)
@@ -104,8 +111,8 @@ class MulMat:
         self.base, self.cpu, self.threads = base, cpu, threads
         t = GGML_TYPES[type_name]
         self.weight_bytes = base.ggml_row_size(t, k) * n
-        size = copies * (self.weight_bytes + 4 * n * m + 3 * base.ggml_tensor_overhead() + base.ggml_graph_overhead())
-        size += 4 * m * k + base.ggml_tensor_overhead() + (1 << 20)
+        per_copy = self.weight_bytes + 4 * n * m + 4 * base.ggml_tensor_overhead() + base.ggml_graph_overhead() + 8192
+        size = copies * per_copy + 4 * m * k + base.ggml_tensor_overhead() + (16 << 20)
         self.ctx = base.ggml_init(_InitParams(size, None, False))
         if not self.ctx:
             raise MemoryError(f"ggml_init({size} bytes) failed")
@@ -125,14 +132,19 @@ class MulMat:
             gf = base.ggml_new_graph(self.ctx)
             base.ggml_build_forward_expand(gf, out)
             self.graphs.append(gf)
+        # one plan per graph, all sharing one work buffer (the quantized activations)
+        self.plans = [cpu.ggml_graph_plan(gf, threads, None) for gf in self.graphs]
+        self.work = torch.empty(max(1, max(pl.work_size for pl in self.plans)), dtype=torch.uint8)
+        for pl in self.plans:
+            pl.work_data = self.work.data_ptr()
         self.i = 0
-        for gf in self.graphs:  # first calls (thread start-up, scratch buffers) untimed
-            cpu.ggml_graph_compute_with_ctx(self.ctx, gf, threads)
+        for _ in range(len(self.graphs)):  # first calls (thread start-up) untimed
+            self()
 
     def __call__(self) -> None:
-        gf = self.graphs[self.i]
-        self.i = (self.i + 1) % len(self.graphs)
-        if self.cpu.ggml_graph_compute_with_ctx(self.ctx, gf, self.threads) != 0:
+        i = self.i
+        self.i = (i + 1) % len(self.graphs)
+        if self.cpu.ggml_graph_compute(self.graphs[i], ctypes.byref(self.plans[i])) != 0:
             raise RuntimeError("ggml_graph_compute failed")
 
     def close(self) -> None:
