@@ -120,6 +120,9 @@ class MulMat:
         x = base.ggml_new_tensor_2d(self.ctx, GGML_TYPES["F32"], k, m)
         xs = torch.randn(m, k, generator=gen).contiguous()
         ctypes.memmove(base.ggml_get_data(x), xs.data_ptr(), 4 * m * k)
+        self.x, self.n, self.m = xs, n, m
+        self.weights: list[torch.Tensor] = []  # the float weights before ggml quantized them
+        self.outs = []
         self.graphs = []
         for _ in range(copies):
             w = base.ggml_new_tensor_2d(self.ctx, t, k, n)
@@ -128,7 +131,9 @@ class MulMat:
                 ctypes.memmove(base.ggml_get_data(w), wf.data_ptr(), 4 * n * k)
             else:
                 base.ggml_quantize_chunk(t, wf.data_ptr(), base.ggml_get_data(w), 0, n, k, None)
+            self.weights.append(wf)
             out = base.ggml_mul_mat(self.ctx, w, x)
+            self.outs.append(out)
             gf = base.ggml_new_graph(self.ctx)
             base.ggml_build_forward_expand(gf, out)
             self.graphs.append(gf)
@@ -146,6 +151,12 @@ class MulMat:
         self.i = (i + 1) % len(self.graphs)
         if self.cpu.ggml_graph_compute(self.graphs[i], ctypes.byref(self.plans[i])) != 0:
             raise RuntimeError("ggml_graph_compute failed")
+
+    def output(self, i: int) -> torch.Tensor:
+        """``[M, N]`` result of copy ``i``'s last product."""
+        y = torch.empty(self.m, self.n)
+        ctypes.memmove(y.data_ptr(), self.base.ggml_get_data(self.outs[i]), 4 * self.m * self.n)
+        return y
 
     def close(self) -> None:
         if self.ctx:
