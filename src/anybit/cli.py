@@ -148,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--new-tokens", type=int, default=64)
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--json", action="store_true")
+    be.add_argument("--against", default=None, choices=["llama.cpp"],
+                    help="also run llama.cpp on the source GGUF re-quantized to the nearest llama.cpp types "
+                         "(same threads, prompt and generation lengths; needs the [bench] extra)")
     be.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process: measure MODEL only
+    be.add_argument("--llama-gguf", default=None, help=argparse.SUPPRESS)  # child process: measure this GGUF
     _add_common(be)
 
     c = sub.add_parser("compare", help="run a grid of methods x schemes, one process per cell; write the report")
@@ -484,6 +488,15 @@ def _bench_e2e(args) -> int:
 
     if args.prompt_tokens < 1 or args.new_tokens < 1 or args.reps < 1:
         raise AnybitError("--prompt-tokens, --new-tokens and --reps must be positive")
+    if args.llama_gguf:  # child process: llama.cpp on one GGUF
+        import torch
+
+        from .peers import llama_cpp
+
+        res = llama_cpp.bench_e2e(Path(args.llama_gguf), args.prompt_tokens, args.new_tokens, args.reps,
+                                  args.threads or torch.get_num_threads())
+        print(json.dumps(res))
+        return 0
     if args.one:  # measure one model in this process
         import warnings
 
@@ -516,6 +529,8 @@ def _bench_e2e(args) -> int:
               "prefill_speedup": quant["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
               "decode_speedup": quant["decode_tokens_per_s"] / base["decode_tokens_per_s"],
               "weights_ratio": quant["weights_mib"] / base["weights_mib"]}
+    if args.against == "llama.cpp":
+        report["llama.cpp"] = _llama_rows(args, baseline)
     if args.json:
         print(json.dumps(report))
     else:
@@ -524,7 +539,46 @@ def _bench_e2e(args) -> int:
                   f"{r['decode_tokens_per_s']:.1f} tok/s, weights {r['weights_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB")
         print(f"speed-up: prefill x{report['prefill_speedup']:.2f}, decode x{report['decode_speedup']:.2f}; "
               f"weights x{report['weights_ratio']:.3f}")
+        for r in report.get("llama.cpp", []):
+            print(f"{r['model']}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} "
+                  f"tok/s, file {r['weights_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB; anybit's decode / "
+                  f"this: x{quant['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}")
     return 0
+
+
+def _llama_rows(args, baseline: str) -> list[dict]:
+    """llama.cpp on the baseline's GGUF, re-quantized to the types nearest the anybit model."""
+    import subprocess
+
+    import torch
+
+    from .models.loader import cache_dir, resolve_builtin
+    from .peers import llama_cpp
+
+    why = llama_cpp.unavailable()
+    if why:
+        raise AnybitError(why)
+    try:
+        src = Path(resolve_builtin(baseline)) if not Path(baseline).exists() else Path(baseline)
+    except (AnybitError, KeyError):
+        src = Path(baseline)
+    if src.suffix != ".gguf":
+        raise AnybitError(f"--against llama.cpp needs a GGUF source model (e.g. smollm2-135m); {baseline} is not one")
+    qc_path = Path(args.model) / "config.json"
+    info = (json.loads(qc_path.read_text()).get("quantization_config") or None) if qc_path.is_file() else None
+    threads = args.threads or torch.get_num_threads()
+    rows = []
+    for ftype in ("F32",) + tuple(t for t in llama_cpp.nearest_ftypes(info) if t != "F32"):
+        gguf = llama_cpp.quantize_gguf(src, cache_dir() / "llama_cpp" / f"{src.stem}.{ftype}.gguf", ftype, threads)
+        cmd = [sys.executable, "-m", "anybit.cli", "bench", "e2e", str(args.model), "--llama-gguf", str(gguf),
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
+               "--threads", str(threads)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+            raise AnybitError(f"llama.cpp on {gguf.name} failed: {last}")
+        rows.append({**json.loads(p.stdout.strip().splitlines()[-1]), "ftype": ftype})
+    return rows
 
 
 def _paper(path: str | None) -> dict | None:

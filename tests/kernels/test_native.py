@@ -188,3 +188,16 @@ def test_bad_isa_setting_warns_once_and_falls_back():
                        env={**os.environ, "ANYBIT_ISA": "mmx"})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "1 ['auto', 'reference']", p.stdout
+
+
+def test_one_module_serves_decode_and_prefill_layouts():
+    """A module used by the int8 kernel (few rows) and by dequantize + BLAS (many rows) keeps
+    both kernel layouts; each stays correct."""
+    q = QuantLinear.from_linear(linear(40, 256), FormatSpec("int", 4, 128))
+    with kernels.use("reference"):
+        ref_small, ref_big = q(torch.ones(1, 256)), q(torch.ones(40, 256))
+    with kernels.use("native"):
+        for _ in range(2):
+            small, big = q(torch.ones(1, 256)), q(torch.ones(40, 256))
+            assert (small - ref_small).norm() <= 0.03 * ref_small.norm()
+            assert torch.allclose(big, ref_big, atol=1e-4)

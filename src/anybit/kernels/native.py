@@ -115,14 +115,18 @@ def _group(spec, k: int) -> tuple[int, int]:
 
 
 def _cached(module, build):
-    """The kernel layout of ``module``'s packed tensors, rebuilt when they change."""
+    """The kernel layout ``build`` makes of ``module``'s packed tensors, rebuilt when they
+    change (one entry per layout: a module can serve the int8 kernel in decoding and the
+    dequantize kernel in prefill)."""
     key = module.packed_key()
     cached = getattr(module, "_native_cache", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    data = build(module)
-    module._native_cache = (key, data)
-    return data
+    if cached is None or cached[0] != key:
+        cached = (key, {})
+        module._native_cache = cached
+    layouts = cached[1]
+    if build not in layouts:
+        layouts[build] = build(module)
+    return layouts[build]
 
 
 def _flat(x: torch.Tensor, k: int) -> torch.Tensor:

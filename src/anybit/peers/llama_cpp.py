@@ -200,3 +200,71 @@ def kernel_rows(shape: tuple[int, int], batch: int, copies_for, median_time, thr
                      "ratio_vs_fp32": fp32_s / t if fp32_s else None, "ratio_vs_bf16": None})
     return rows
 
+
+
+# ----------------------------------------------------------------------------- end to end
+# llama.cpp file types of `llama_model_quantize` (llama.h) for the rows of `bench e2e`
+FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_S": 11, "Q2_K": 10}
+
+
+def nearest_ftypes(info: dict | None) -> tuple[str, ...]:
+    """The llama.cpp file types to compare with an anybit model (its quantization_config),
+    or with a float model (None)."""
+    if not info:
+        return ("F32",)
+    bits = int(info.get("bits", 4))
+    return {8: ("Q8_0",), 4: ("Q4_0", "Q4_K_M"), 3: ("Q3_K_S",), 2: ("Q2_K",)}.get(bits, ("Q4_0",))
+
+
+def quantize_gguf(src: Path, dst: Path, ftype: str, threads: int) -> Path:
+    """``src`` (any GGUF) re-quantized by llama.cpp to ``ftype``, cached at ``dst``."""
+    if dst.is_file():
+        return dst
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads
+    params.allow_requantize = True
+    tmp = dst.with_name(dst.name + ".tmp")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama_model_quantize {src} -> {ftype} failed")
+    tmp.replace(dst)
+    return dst
+
+
+def bench_e2e(gguf: Path, prompt_tokens: int, new_tokens: int, reps: int, threads: int) -> dict:
+    """Prefill and greedy decode tokens/s of llama.cpp on ``gguf`` (prompt, then one token at a
+    time on the KV cache), medians of ``reps``, as anybit's ``bench_decode`` measures them."""
+    import time
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    from ..progress import measure
+
+    with measure() as m:
+        llm = Llama(model_path=str(gguf), n_ctx=prompt_tokens + new_tokens + 8, n_batch=max(32, prompt_tokens),
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
+        n_vocab = llm.n_vocab()
+        ids = [int(t) for t in (np.arange(prompt_tokens) * 7919) % (n_vocab - 1) + 1]
+
+        def run():
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            t1 = time.perf_counter()
+            for _ in range(new_tokens):
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+                llm.eval([int(logits.argmax())])
+            return t1 - t0, time.perf_counter() - t1
+
+        run()
+        times = [run() for _ in range(reps)]
+    tp = sorted(t[0] for t in times)[len(times) // 2]
+    td = sorted(t[1] for t in times)[len(times) // 2]
+    return {"model": f"llama.cpp {gguf.name}", "prefill_tokens_per_s": prompt_tokens / tp,
+            "decode_tokens_per_s": new_tokens / td, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "peak_rss_mib": m.peak_rss_mib, "weights_mib": gguf.stat().st_size / 2**20}
