@@ -15,7 +15,8 @@ if os.environ.get("ANYBIT_NO_NATIVE") != "1":
     ext_modules.append(Extension(
         "anybit.kernels._native",
         sources=["src/anybit/kernels/native/anybit_native.cpp"],
-        depends=["src/anybit/kernels/native/kernels_impl.inc", "src/anybit/kernels/native/kernels_q8.inc"],
+        depends=["src/anybit/kernels/native/kernels_impl.inc", "src/anybit/kernels/native/kernels_q8.inc",
+                 "src/anybit/kernels/native/kernels_decode.inc"],
         language="c++",
         # per-ISA code is selected with #pragma GCC target inside the file, not with -m flags
         extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"],

@@ -253,13 +253,30 @@ def bench_kernels(shapes=SMOLLM2_SHAPES + LLAMA7B_SHAPES, batches=(1, 16), group
 
 
 @torch.inference_mode()
-def bench_decode(model, tokenizer, prompt_tokens: int = 128, new_tokens: int = 64, reps: int = 3) -> dict:
+def bench_decode(model, tokenizer, prompt_tokens: int = 128, new_tokens: int = 64, reps: int = 3,
+                 decoder: str = "lean") -> dict:
     """Prefill tokens/s (one forward of ``prompt_tokens`` that fills the KV cache) and greedy
-    decode tokens/s (``new_tokens`` single-token steps on that cache), medians of ``reps``."""
+    decode tokens/s (``new_tokens`` single-token steps on that cache), medians of ``reps``.
+
+    ``decoder``: ``lean`` (anybit's :class:`~anybit.nn.decoder.StaticDecoder`, where it
+    supports the model) or ``transformers`` (the model's own forward and cache)."""
+    from .nn.decoder import StaticDecoder, unsupported
     from .progress import measure
 
     vocab = getattr(model.config, "vocab_size", 1000)
     ids = (torch.arange(prompt_tokens)[None] * 7919) % (vocab - 1) + 1
+    lean = None
+    if decoder == "lean" and unsupported(model, prompt_tokens + new_tokens) is None:
+        lean = StaticDecoder(model, prompt_tokens + new_tokens)
+
+    def run_lean() -> tuple[float, float]:
+        lean.reset()
+        t0 = time.perf_counter()
+        logits = lean(ids)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = lean(logits[:, -1:].argmax(-1))
+        return t1 - t0, time.perf_counter() - t1
 
     def run() -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -271,12 +288,14 @@ def bench_decode(model, tokenizer, prompt_tokens: int = 128, new_tokens: int = 6
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         return t1 - t0, time.perf_counter() - t1
 
+    fn = run if lean is None else run_lean
     with measure() as m:
-        run()  # warm-up: kernel layouts, allocator
-        times = [run() for _ in range(reps)]
+        fn()  # warm-up: kernel layouts, allocator
+        times = [fn() for _ in range(reps)]
     t_prefill = statistics.median(t[0] for t in times)
     t_decode = statistics.median(t[1] for t in times)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return {"prefill_tokens_per_s": prompt_tokens / t_prefill, "decode_tokens_per_s": new_tokens / t_decode,
+    return {"decoder": "transformers" if lean is None else "lean" + ("-native" if lean.fast is not None else ""),
+            "prefill_tokens_per_s": prompt_tokens / t_prefill, "decode_tokens_per_s": new_tokens / t_decode,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "peak_rss_mib": m.peak_rss_mib,
             "weights_mib": weights / 2**20}

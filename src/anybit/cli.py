@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model")
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--decoder", default="lean", choices=["lean", "transformers"],
+                   help="lean: anybit's static-cache decoder (default); transformers: model.generate")
     _add_common(g)
 
     x = sub.add_parser("export", help="write a quantized folder in another tool's layout (gptq)")
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--new-tokens", type=int, default=64)
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--json", action="store_true")
+    be.add_argument("--decoder", default="lean", choices=["lean", "transformers"],
+                    help="lean: anybit's static-cache decoder (one native call per token where every linear has "
+                         "an int8 kernel; default); transformers: the model's own forward")
     be.add_argument("--against", default=None, choices=["llama.cpp"],
                     help="also run llama.cpp on the source GGUF re-quantized to the nearest llama.cpp types "
                          "(same threads, prompt and generation lengths; needs the [bench] extra)")
@@ -408,7 +413,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise AnybitError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     lm = load_model(args.model)
-    print(generate(lm.model, lm.tokenizer, args.prompt, args.max_new_tokens))
+    print(generate(lm.model, lm.tokenizer, args.prompt, args.max_new_tokens, decoder=args.decoder))
     return 0
 
 
@@ -502,7 +507,8 @@ def _bench_e2e(args) -> int:
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' past_key_values rename
         lm = load_model(args.model)
-        res = bench.bench_decode(lm.model, lm.tokenizer, args.prompt_tokens, args.new_tokens, args.reps)
+        res = bench.bench_decode(lm.model, lm.tokenizer, args.prompt_tokens, args.new_tokens, args.reps,
+                                 decoder=args.decoder)
         print(json.dumps({"model": lm.source, "source": getattr(lm.model, "anybit_info", {}).get("source"), **res}))
         return 0
     baseline = args.baseline
@@ -514,7 +520,7 @@ def _bench_e2e(args) -> int:
             raise AnybitError(f"{args.model} records no source model; give --baseline MODEL")
     rows = []
     for model in (baseline, args.model):  # each in its own process, so that memory is its own
-        cmd = [sys.executable, "-m", "anybit.cli", "bench", "e2e", str(model), "--one", "--json",
+        cmd = [sys.executable, "-m", "anybit.cli", "bench", "e2e", str(model), "--one", "--json", "--decoder", args.decoder,
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps)]
         for flag in ("data_dir", "kernel", "threads"):
             if getattr(args, flag, None):
@@ -536,7 +542,7 @@ def _bench_e2e(args) -> int:
     else:
         for name, r in (("baseline", base), ("model", quant)):
             print(f"{name:8s} {r['model']}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
-                  f"{r['decode_tokens_per_s']:.1f} tok/s, weights {r['weights_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB")
+                  f"{r['decode_tokens_per_s']:.1f} tok/s, weights {r['weights_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB ({r.get('decoder')} decoder)")
         print(f"speed-up: prefill x{report['prefill_speedup']:.2f}, decode x{report['decode_speedup']:.2f}; "
               f"weights x{report['weights_ratio']:.3f}")
         for r in report.get("llama.cpp", []):

@@ -81,9 +81,28 @@ def perplexity(model: nn.Module, windows: torch.Tensor, dataset: str = "", refer
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy decoding; returns the prompt followed by the generated text."""
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, decoder: str = "lean") -> str:
+    """Greedy decoding; returns the prompt followed by the generated text.
+
+    ``decoder``: ``lean`` (:class:`~anybit.nn.decoder.StaticDecoder`, where it supports the
+    model; else transformers) or ``transformers`` (``model.generate``). A prompt plus
+    ``max_new_tokens`` beyond the model's context is an error, not a silent overrun.
+    """
+    from ..errors import AnybitError
+    from ..nn.decoder import StaticDecoder, unsupported
+
     enc = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    n = enc["input_ids"].shape[1]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and n + max_new_tokens > limit:
+        raise AnybitError(f"the prompt ({n} tokens) plus --max-new-tokens {max_new_tokens} exceed the model's context of "
+                          f"{limit} tokens; ask for at most {max(limit - n, 0)} new tokens")
+    if decoder == "lean" and unsupported(model, n + max_new_tokens) is None:
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        out = StaticDecoder(model, n + max_new_tokens).generate(enc["input_ids"], max_new_tokens,
+                                                                 eos if eos is not None else tokenizer.eos_token_id)
+    else:
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -61,7 +61,11 @@ def _load():
                                              c_int, i64, p, p, c_int]
         lib.anybit_has_q8.restype = c_int
         lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int, p]
-        for f in ("anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
+        lib.anybit_rmsnorm.argtypes = [p, p, c_float, p, i64, i64]
+        lib.anybit_attn_decode.argtypes = [p, p, p, p, p, i64, i64, p, p, i64, i64, i64, c_float, p, p, c_float, p, p]
+        lib.anybit_silu_mul.argtypes = [p, i64, i64, p]
+        lib.anybit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, c_float, p]
+        for f in ("anybit_decode_layers", "anybit_rmsnorm", "anybit_attn_decode", "anybit_silu_mul", "anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
                   "anybit_int_q8_gemm"):
             getattr(lib, f).restype = None
         env = os.environ.get("ANYBIT_ISA")
@@ -426,3 +430,94 @@ def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 
 KERNELS = {"int": int_linear, "pot": pot_linear, "potz": pot_linear, "bcq": bcq_linear, "bcq16": bcq_linear, "bitplane": bitplane_linear}
+
+
+# ------------------------------------------------------------------------ decoding plans
+
+class Q8Plan:
+    """One int8-activation kernel call prepared for the rows of several INT/PoT linears that
+    read the same input (Q/K/V, gate/up): their layouts concatenated along N so that a
+    decoding step makes one call (and one thread team) instead of three, with every
+    constant argument converted once. The weights are frozen at construction: a plan does
+    not see later changes of the modules' packed tensors (build a new one)."""
+
+    def __init__(self, modules: list):
+        spec = modules[0].spec
+        k = modules[0].in_features
+        parts = [_prep_int_q8(m) for m in modules]
+        self.sizes = [m.out_features for m in modules]
+        n = sum(self.sizes)
+        self.k, self.n = k, n
+        w = torch.cat([p["w"] for p in parts], 0).contiguous()
+        scales = torch.cat([p["scales"] for p in parts], 0).contiguous()
+        szs = torch.cat([p["szs"] for p in parts], 0).contiguous()
+        bias = None
+        if any(p["bias"] is not None for p in parts):
+            bias = torch.cat([p["bias"] if p["bias"] is not None else torch.zeros(s) for p, s in zip(parts, self.sizes)])
+        g, ng = _group(spec, k)
+        self._keep = (w, scales, szs, bias, parts[0]["table"])
+        self.args = (k, _ptr(w), w.shape[1] // Q8_ROWS, n, spec.bits, g, ng, q8_block(spec, k), _ptr(scales),
+                     _ptr(szs), _ptr(bias))
+        self.table = _ptr(parts[0]["table"])
+        self.threads = self._pick_threads()
+
+    def _pick_threads(self) -> int:
+        """One thread or torch's: whichever runs this product faster here (a thread team's
+        fork and join costs more than a small GEMV)."""
+        import time
+
+        full = torch.get_num_threads()
+        if full == 1:
+            return 1
+        x = torch.randn(1, self.k)
+        best = None
+        for t in (1, full):
+            self.threads = t
+            for _ in range(3):
+                self(x)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                self(x)
+            dt = time.perf_counter() - t0
+            if best is None or dt < best[0]:
+                best = (dt, t)
+        return best[1]
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` float32 ``[rows, K]`` contiguous -> ``[rows, N]`` (into ``out`` if given)."""
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32) if out is None else out
+        _lib.anybit_int_q8_gemm(x.data_ptr(), x.shape[0], *self.args, y.data_ptr(), self.threads, self.table)
+        return y
+
+
+class Q8Struct(ctypes.Structure):
+    """``AnybitQ8`` of anybit_native.cpp: one prepared int8-kernel product."""
+    _fields_ = [("K", c_int64), ("w", c_void_p), ("row_bytes", c_int64), ("N", c_int64), ("bits", c_int64),
+                ("gsize", c_int64), ("G", c_int64), ("B", c_int64), ("scales", c_void_p), ("szs", c_void_p),
+                ("bias", c_void_p), ("table", c_void_p), ("threads", c_int64)]
+
+
+class LayerStruct(ctypes.Structure):
+    """``AnybitLayer`` of anybit_native.cpp: one decoder layer of the native decoding step."""
+    _fields_ = [("ln1", c_void_p), ("eps1", c_float), ("qkv", Q8Struct), ("o", Q8Struct), ("ln2", c_void_p),
+                ("eps2", c_float), ("gu", Q8Struct), ("down", Q8Struct), ("qn", c_void_p), ("kn", c_void_p),
+                ("neps", c_float), ("kc", c_void_p), ("vc", c_void_p)]
+
+
+def q8_struct(plan: Q8Plan) -> Q8Struct:
+    return Q8Struct(*plan.args, plan.table, plan.threads)
+
+
+def q8_plan(modules: list) -> Q8Plan | None:
+    """A :class:`Q8Plan` for ``modules`` (same input), or None where the int8 kernel does not
+    serve all of them alike (another format, quantized activations, different specs)."""
+    from ..nn.qlinear import QuantLinear
+
+    if _load() is None or not all(isinstance(m, QuantLinear) for m in modules):
+        return None
+    first = modules[0]
+    if not all(m.spec == first.spec and m.in_features == first.in_features and _q8_usable(m) for m in modules):
+        return None
+    if len(modules) > 1 and any(m.out_features % Q8_ROWS for m in modules):
+        return None
+    return Q8Plan(modules)

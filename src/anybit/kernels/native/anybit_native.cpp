@@ -44,6 +44,17 @@ namespace isa_vnni {
 }  // namespace isa_vnni
 #pragma GCC pop_options
 
+namespace dec_portable {
+#include "kernels_decode.inc"
+}  // namespace dec_portable
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace dec_avx512 {
+#include "kernels_decode.inc"
+}  // namespace dec_avx512
+#pragma GCC pop_options
+
 static int g_isa = -1;
 
 extern "C" {
@@ -150,6 +161,87 @@ void anybit_bitplane_gemm(const float* x, int64_t M, int64_t K, const uint64_t* 
                           const float* bias, float* y, int nthreads) {
     DISPATCH(bitplane_gemm(x, M, K, wplanes, Npad, N, wbits, wsigned, gsize, G, W, sw, zw, wsum, abits, asym, agroup,
                            bias, y, nthreads))
+}
+
+#define DISPATCH_DEC(call)                  \
+    if (anybit_get_isa() == 2)              \
+        dec_avx512::call;                   \
+    else                                    \
+        dec_portable::call;
+
+// decoding-step operators (kernels_decode.inc)
+void anybit_rmsnorm(const float* x, const float* w, float eps, float* out, int64_t rows, int64_t d) {
+    DISPATCH_DEC(rmsnorm(x, w, eps, out, rows, d))
+}
+
+// scores: scratch of at least pos + 1 floats
+void anybit_attn_decode(float* q, float* k, const float* v, float* kc, float* vc, int64_t maxT, int64_t pos,
+                        const float* cos, const float* sin, int64_t H, int64_t Hkv, int64_t D, float scale,
+                        const float* qn, const float* kn, float eps, float* out, float* scores) {
+    DISPATCH_DEC(attn_decode(q, k, v, kc, vc, maxT, pos, cos, sin, H, Hkv, D, scale, qn, kn, eps, out, scores))
+}
+
+void anybit_silu_mul(const float* gu, int64_t rows, int64_t n, float* out) {
+    DISPATCH_DEC(silu_mul(gu, rows, n, out))
+}
+
+// One int8-kernel product prepared by Python (native.Q8Plan), as a struct: the fields of
+// anybit_int_q8_gemm after x and M.
+struct AnybitQ8 {
+    int64_t K;
+    const uint8_t* w;
+    int64_t row_bytes, N;
+    int64_t bits, gsize, G, B;
+    const float *scales, *szs, *bias;
+    const uint8_t* table;
+    int64_t threads;
+};
+
+// One decoder layer of the native decoding step (nn/decoder.py builds them).
+struct AnybitLayer {
+    const float* ln1;
+    float eps1;
+    AnybitQ8 qkv, o;
+    const float* ln2;
+    float eps2;
+    AnybitQ8 gu, down;
+    const float *qn, *kn;
+    float neps;
+    float *kc, *vc;
+};
+
+static inline void q8_call(const AnybitQ8& p, const float* x, float* y) {
+    anybit_int_q8_gemm(x, 1, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.B, p.scales, p.szs, p.bias, y,
+                       (int)p.threads, p.table);
+}
+
+// The whole transformer stack for one token at position pos: x [d] (the embedding in, the
+// last hidden state out, before the final norm). buf: scratch of d + qkv + H·D + 3·ffn +
+// maxT floats.
+void anybit_decode_layers(const AnybitLayer* layers, int64_t L, float* x, int64_t d, int64_t H, int64_t Hkv,
+                          int64_t D, int64_t ffn, int64_t maxT, int64_t pos, const float* cos, const float* sin,
+                          float scale, float* buf) {
+    float* h = buf;
+    float* qkv = h + d;
+    float* a = qkv + (H + 2 * Hkv) * D;
+    float* gu = a + H * D;
+    float* m = gu + 2 * ffn;
+    float* o = m + ffn;  // max(d, ...) = d floats
+    float* scores = o + d;
+    for (int64_t l = 0; l < L; ++l) {
+        const AnybitLayer& ly = layers[l];
+        anybit_rmsnorm(x, ly.ln1, ly.eps1, h, 1, d);
+        q8_call(ly.qkv, h, qkv);
+        anybit_attn_decode(qkv, qkv + H * D, qkv + (H + Hkv) * D, ly.kc, ly.vc, maxT, pos, cos, sin, H, Hkv, D, scale,
+                           ly.qn, ly.kn, ly.neps, a, scores);
+        q8_call(ly.o, a, o);
+        for (int64_t i = 0; i < d; ++i) x[i] += o[i];
+        anybit_rmsnorm(x, ly.ln2, ly.eps2, h, 1, d);
+        q8_call(ly.gu, h, gu);
+        anybit_silu_mul(gu, 1, ffn, m);
+        q8_call(ly.down, m, o);
+        for (int64_t i = 0; i < d; ++i) x[i] += o[i];
+    }
 }
 
 }  // extern "C"

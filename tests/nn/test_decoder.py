@@ -1,0 +1,120 @@
+"""The lean decoder against the transformers model it runs: same logits in prefill, in
+single-token decoding on its static cache, and in chunked prefill; the native one-call
+step against the same decoder's PyTorch step (same int8 kernels, so nearly equal)."""
+
+import pytest
+import torch
+
+from anybit import kernels
+from anybit.config import QuantConfig
+from anybit.nn.decoder import StaticDecoder, unsupported
+from anybit.pipeline import quantize
+
+from conftest import tiny_model
+
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},  # biases on Q/K/V
+    "qwen3": {"head_dim": 32},  # q/k norms, head_dim != hidden / heads
+}
+
+
+def _hf_logits(model, ids):
+    """Logits of the whole sequence (prefill) and of each token decoded one at a time on
+    the transformers cache."""
+    with torch.inference_mode():
+        full = model(ids).logits[0]
+        out = model(ids[:, :8], use_cache=True)
+        cache, steps = out.past_key_values, []
+        for j in range(8, ids.shape[1]):
+            out = model(ids[:, j:j + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[0, -1])
+    return full, torch.stack(steps)
+
+
+def _decoder_logits(model, ids, **kw):
+    d = StaticDecoder(model, ids.shape[1] + 4, **kw)
+    pre = d(ids[:, :8], all_logits=True)[0]
+    steps = torch.stack([d(ids[:, j:j + 1])[0, -1] for j in range(8, ids.shape[1])])
+    d.reset()
+    d(ids[:, :5])
+    chunk = d(ids[:, 5:], all_logits=True)[0]
+    return pre, steps, chunk
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float_decoder_matches_transformers(family):
+    model = tiny_model(family, **FAMILIES[family])
+    ids = torch.randint(1, 500, (1, 23), generator=torch.Generator().manual_seed(1))
+    full, steps = _hf_logits(model, ids)
+    pre, dec, chunk = _decoder_logits(model, ids)
+    torch.testing.assert_close(pre, full[:8], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dec, steps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunk, full[5:], atol=1e-4, rtol=1e-4)
+
+
+def _close_up_to_int8_flips(a, b):
+    """Equal but for the rare activation whose int8 rounding flips between two float paths
+    (a flip moves the logits by ~1 % of their spread; a wrong step moves them by ~100 %)."""
+    rel = (a - b).float().pow(2).mean().sqrt() / b.float().std()
+    assert rel < 3e-2, f"relative RMS difference {rel:.3g}"
+
+
+def _quantized(family, wbits=4, group=64, lm_head_bits=8):
+    model = tiny_model(family, hidden_size=128, intermediate_size=256, **FAMILIES[family])
+    quantize(model, QuantConfig(method="rtn", wbits=wbits, group_size=group, lm_head_bits=lm_head_bits))
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("wbits", [4, 3])
+def test_native_step_matches_the_pytorch_step(family, wbits):
+    from anybit.kernels import native
+
+    if not native.available() or not native._lib.anybit_has_q8():
+        pytest.skip("the int8 (AVX-512 VNNI) kernels are not available on this CPU")
+    model = _quantized(family, wbits)
+    ids = torch.randint(1, 500, (1, 21), generator=torch.Generator().manual_seed(2))
+    fast = StaticDecoder(model, 32)
+    assert fast.fast is not None  # every layer on the one-call native step
+    slow = StaticDecoder(model, 32)
+    slow.fast = None  # same plans, PyTorch operators between them
+    a, b = fast(ids[:, :9]), slow(ids[:, :9])
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    exact = 0
+    for j in range(9, 21):
+        a, b = fast(ids[:, j:j + 1]), slow(ids[:, j:j + 1])
+        _close_up_to_int8_flips(a, b)
+        exact += bool(torch.allclose(a, b, atol=1e-5, rtol=1e-5))
+    assert exact >= 1  # the first steps, before any flip, agree to float rounding
+    # and the transformers model decoding on its own cache (its linears: the same kernels
+    # per module; the fused plans only concatenate rows)
+    _, steps = _hf_logits(model, ids)
+    fast.reset()
+    fast(ids[:, :8])
+    for j, want in zip(range(8, 21), steps):
+        _close_up_to_int8_flips(fast(ids[:, j:j + 1])[0, -1], want)
+
+
+def test_reference_backend_keeps_the_pytorch_path():
+    model = _quantized("llama")
+    with kernels.use("reference"):
+        d = StaticDecoder(model, 16)
+    assert d.fast is None and all(p is None for row in d.plans for p in row)
+    ids = torch.randint(1, 500, (1, 12), generator=torch.Generator().manual_seed(3))
+    with kernels.use("reference"):
+        full, steps = _hf_logits(model, ids)
+        pre, dec, _ = _decoder_logits(model, ids, plans=False)
+    torch.testing.assert_close(pre, full[:8], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dec, steps, atol=1e-4, rtol=1e-4)
+
+
+def test_what_the_decoder_refuses():
+    assert "opt" in unsupported(tiny_model("opt"), 16)
+    assert "context" in unsupported(tiny_model("llama"), 1000)
+    d = StaticDecoder(tiny_model("llama"), 8)
+    d(torch.ones(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="past"):
+        d(torch.ones(1, 1, dtype=torch.long))
