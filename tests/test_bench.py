@@ -33,10 +33,13 @@ def test_e2e_bench_against_the_recorded_source(tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", "stories260k", "--wbits", "4", "--group-size", "32", "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["bench", "e2e", str(out), "--prompt-tokens", "16", "--new-tokens", "4", "--reps", "1", "--json"]) == 0
+    assert main(["bench", "e2e", str(out), "--prompt-tokens", "16", "--new-tokens", "4", "--reps", "1", "--rounds", "2",
+                 "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["baseline"]["model"] == "stories260k" and rep["model"]["source"] == "stories260k"
     assert rep["decode_speedup"] > 0 and rep["weights_ratio"] < 1
+    assert rep["rounds"] == 2 and len(rep["model"]["decode_rounds"]) == 2
+    assert rep["model"]["decoder"].startswith("lean") and rep["baseline"]["decoder"] == "lean"
 
 
 def test_cold_mode_cycles_enough_distinct_matrices():

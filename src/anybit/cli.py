@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prompt-tokens", type=int, default=128)
     be.add_argument("--new-tokens", type=int, default=64)
     be.add_argument("--reps", type=int, default=3)
+    be.add_argument("--rounds", type=int, default=3,
+                    help="measure every model this many times, alternating, and report medians (default 3)")
     be.add_argument("--json", action="store_true")
     be.add_argument("--decoder", default="lean", choices=["lean", "transformers"],
                     help="lean: anybit's static-cache decoder (one native call per token where every linear has "
@@ -491,8 +493,8 @@ def _bench_e2e(args) -> int:
     from . import bench
     from .models import load_model
 
-    if args.prompt_tokens < 1 or args.new_tokens < 1 or args.reps < 1:
-        raise AnybitError("--prompt-tokens, --new-tokens and --reps must be positive")
+    if args.prompt_tokens < 1 or args.new_tokens < 1 or args.reps < 1 or args.rounds < 1:
+        raise AnybitError("--prompt-tokens, --new-tokens, --reps and --rounds must be positive")
     if args.llama_gguf:  # child process: llama.cpp on one GGUF
         import torch
 
@@ -518,25 +520,31 @@ def _bench_e2e(args) -> int:
             baseline = (json.loads(qc_path.read_text()).get("quantization_config") or {}).get("source")
         if baseline is None:
             raise AnybitError(f"{args.model} records no source model; give --baseline MODEL")
-    rows = []
-    for model in (baseline, args.model):  # each in its own process, so that memory is its own
-        cmd = [sys.executable, "-m", "anybit.cli", "bench", "e2e", str(model), "--one", "--json", "--decoder", args.decoder,
-               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps)]
-        for flag in ("data_dir", "kernel", "threads"):
-            if getattr(args, flag, None):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            last = (p.stderr.strip().splitlines() or ["failed"])[-1]
-            raise AnybitError(f"benchmarking {model} failed: {last}")
-        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    base, quant = rows
-    report = {"machine": bench.machine(), "baseline": base, "model": quant,
+    # every entry in its own process (so that memory is its own), all entries once per round
+    # and the medians over rounds: on a shared VM the speed drifts by tens of percent within
+    # minutes, and alternating puts the same drift on every entry
+    entries = [("baseline", _e2e_child_cmd(args, baseline)), ("model", _e2e_child_cmd(args, args.model))]
+    if args.against == "llama.cpp":
+        entries += _llama_entries(args, baseline)
+    runs: dict[str, list[dict]] = {name: [] for name, _ in entries}
+    for _ in range(args.rounds):
+        for name, cmd in entries:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+                raise AnybitError(f"benchmarking {name} failed: {last}")
+            runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    med = {name: _median_run(rs) for name, rs in runs.items()}
+    base, quant = med["baseline"], med["model"]
+    report = {"machine": bench.machine(), "rounds": args.rounds, "baseline": base, "model": quant,
               "prefill_speedup": quant["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
               "decode_speedup": quant["decode_tokens_per_s"] / base["decode_tokens_per_s"],
               "weights_ratio": quant["weights_mib"] / base["weights_mib"]}
     if args.against == "llama.cpp":
-        report["llama.cpp"] = _llama_rows(args, baseline)
+        report["llama.cpp"] = [med[name] for name, _ in entries[2:]]
+        for r in report["llama.cpp"]:
+            r["anybit_decode_ratio"] = quant["decode_tokens_per_s"] / r["decode_tokens_per_s"]
+            r["anybit_prefill_ratio"] = quant["prefill_tokens_per_s"] / r["prefill_tokens_per_s"]
     if args.json:
         print(json.dumps(report))
     else:
@@ -544,18 +552,38 @@ def _bench_e2e(args) -> int:
             print(f"{name:8s} {r['model']}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
                   f"{r['decode_tokens_per_s']:.1f} tok/s, weights {r['weights_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB ({r.get('decoder')} decoder)")
         print(f"speed-up: prefill x{report['prefill_speedup']:.2f}, decode x{report['decode_speedup']:.2f}; "
-              f"weights x{report['weights_ratio']:.3f}")
+              f"weights x{report['weights_ratio']:.3f} (medians of {args.rounds} alternating rounds)")
         for r in report.get("llama.cpp", []):
             print(f"{r['model']}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} "
-                  f"tok/s, file {r['weights_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB; anybit's decode / "
-                  f"this: x{quant['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}")
+                  f"tok/s, file {r['weights_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB; anybit / this: "
+                  f"decode x{r['anybit_decode_ratio']:.2f}, prefill x{r['anybit_prefill_ratio']:.2f}")
     return 0
 
 
-def _llama_rows(args, baseline: str) -> list[dict]:
-    """llama.cpp on the baseline's GGUF, re-quantized to the types nearest the anybit model."""
-    import subprocess
+def _e2e_child_cmd(args, model) -> list[str]:
+    cmd = [sys.executable, "-m", "anybit.cli", "bench", "e2e", str(model), "--one", "--json", "--decoder", args.decoder,
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps)]
+    for flag in ("data_dir", "kernel", "threads"):
+        if getattr(args, flag, None):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return cmd
 
+
+def _median_run(runs: list[dict]) -> dict:
+    """One entry's rounds: median speeds, the largest peak RSS, each round's speeds kept."""
+    import statistics
+
+    out = dict(runs[-1])
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        out[key] = statistics.median(r[key] for r in runs)
+        out[key.replace("_tokens_per_s", "_rounds")] = [round(r[key], 2) for r in runs]
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    return out
+
+
+def _llama_entries(args, baseline: str) -> list[tuple[str, list[str]]]:
+    """llama.cpp on the baseline's GGUF, re-quantized to the types nearest the anybit model:
+    the child commands that measure each."""
     import torch
 
     from .models.loader import cache_dir, resolve_builtin
@@ -573,18 +601,14 @@ def _llama_rows(args, baseline: str) -> list[dict]:
     qc_path = Path(args.model) / "config.json"
     info = (json.loads(qc_path.read_text()).get("quantization_config") or None) if qc_path.is_file() else None
     threads = args.threads or torch.get_num_threads()
-    rows = []
+    entries = []
     for ftype in ("F32",) + tuple(t for t in llama_cpp.nearest_ftypes(info) if t != "F32"):
         gguf = llama_cpp.quantize_gguf(src, cache_dir() / "llama_cpp" / f"{src.stem}.{ftype}.gguf", ftype, threads)
-        cmd = [sys.executable, "-m", "anybit.cli", "bench", "e2e", str(args.model), "--llama-gguf", str(gguf),
-               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
-               "--threads", str(threads)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            last = (p.stderr.strip().splitlines() or ["failed"])[-1]
-            raise AnybitError(f"llama.cpp on {gguf.name} failed: {last}")
-        rows.append({**json.loads(p.stdout.strip().splitlines()[-1]), "ftype": ftype})
-    return rows
+        entries.append((f"llama.cpp {ftype}", [
+            sys.executable, "-m", "anybit.cli", "bench", "e2e", str(args.model), "--llama-gguf", str(gguf),
+            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
+            "--threads", str(threads)]))
+    return entries
 
 
 def _paper(path: str | None) -> dict | None:

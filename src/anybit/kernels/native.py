@@ -278,12 +278,18 @@ def _dequantized_linear(x: torch.Tensor, module) -> torch.Tensor:
     return torch.nn.functional.linear(x, w.to(x.dtype), module.bias)
 
 
+# The int8 kernel's cost grows with the rows like a GEMV's; measured on SmolLM2's shapes
+# (2 threads) it is faster than dequantize + fp32 BLAS up to ~128 rows and slower beyond,
+# so short prompts take it too. ANYBIT_Q8_MAX_ROWS overrides.
+Q8_MAX_ROWS = int(os.environ.get("ANYBIT_Q8_MAX_ROWS", "128"))
+
+
 def _weight_only(x: torch.Tensor, module, pot: bool) -> torch.Tensor:
     """INT or PoT weights, float activations: the GEMV/GEMM kernel, or dequantize + BLAS."""
+    if _q8_usable(module) and not _too_many_rows(x, module.in_features, max(MAX_ROWS, Q8_MAX_ROWS)):
+        return _int_q8(x, module)
     if _too_many_rows(x, module.in_features):
         return _dequantized_linear(x, module)
-    if _q8_usable(module):
-        return _int_q8(x, module)
     d = _cached(module, _prep_pot if pot else _prep_int)
     n, k = module.shape
     g, ng = _group(module.spec, k)

@@ -23,8 +23,6 @@ from torch import nn
 from .. import kernels
 from ..formats.activation import fake_quantize
 
-# decoding steps and small batches take the fused int8 plans; more rows (prefill) the modules
-_PLAN_ROWS = 16
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -185,7 +183,9 @@ class StaticDecoder:
         mask = None
         if t > 1 and p0 > 0:
             mask = torch.ones(t, p1, dtype=torch.bool).tril(p0)
-        small = t <= _PLAN_ROWS
+        from ..kernels import native
+
+        small = t <= max(native.MAX_ROWS, native.Q8_MAX_ROWS)
         for i, (w1, e1, q_proj, k_proj, v_proj, o_proj, w2, e2, gate, up, down, qn, kn, att) in enumerate(self.layers):
             p_qkv, p_o, p_gu, p_down = self.plans[i] if small else (None,) * 4
             h = F.rms_norm(x, (x.shape[-1],), w1, e1)
@@ -223,7 +223,7 @@ class StaticDecoder:
         if not all_logits:
             x = x[:, -1:]
         x = F.rms_norm(x, (x.shape[-1],), self.norm_w, self.norm_eps)
-        if self.head_plan is not None and x.shape[1] <= _PLAN_ROWS:
+        if self.head_plan is not None and x.shape[1] <= max(native.MAX_ROWS, native.Q8_MAX_ROWS):
             return self.head_plan(x.view(x.shape[1], -1)).view(1, x.shape[1], -1)
         return self.head(x)
 

@@ -204,7 +204,7 @@ def kernel_rows(shape: tuple[int, int], batch: int, copies_for, median_time, thr
 
 # ----------------------------------------------------------------------------- end to end
 # llama.cpp file types of `llama_model_quantize` (llama.h) for the rows of `bench e2e`
-FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_S": 11, "Q2_K": 10}
+FTYPES = {"F32": 0, "Q8_0": 7, "Q6_K": 18, "Q5_0": 8, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_S": 11, "Q2_K": 10}
 
 
 def nearest_ftypes(info: dict | None) -> tuple[str, ...]:
@@ -213,7 +213,8 @@ def nearest_ftypes(info: dict | None) -> tuple[str, ...]:
     if not info:
         return ("F32",)
     bits = int(info.get("bits", 4))
-    return {8: ("Q8_0",), 4: ("Q4_0", "Q4_K_M"), 3: ("Q3_K_S",), 2: ("Q2_K",)}.get(bits, ("Q4_0",))
+    return {8: ("Q8_0",), 6: ("Q6_K",), 5: ("Q5_0",), 4: ("Q4_0", "Q4_K_M"), 3: ("Q3_K_S",),
+            2: ("Q2_K",)}.get(bits, ("Q4_0",))
 
 
 def quantize_gguf(src: Path, dst: Path, ftype: str, threads: int) -> Path:
