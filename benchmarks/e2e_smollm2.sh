@@ -24,5 +24,5 @@ declare -A CMD=(
 for name in int4g128 int3g128 int2g64 pot3g128 bcq3g128 w6a6 w4a8; do
   [ -f "$WORK/$name/config.json" ] || $A quantize smollm2-135m ${CMD[$name]} --lm-head-bits 8 --out "$WORK/$name" --quiet
   grep -q "\"$WORK/$name\"" "$OUT" 2>/dev/null && continue
-  $A bench e2e "$WORK/$name" --against llama.cpp --threads 2 --reps 2 --rounds 3 --json >> "$OUT"
+  $A bench e2e "$WORK/$name" --against llama.cpp --threads 2 --reps 1 --rounds 3 --json >> "$OUT"
 done

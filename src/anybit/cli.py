@@ -122,9 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lean: anybit's static-cache decoder (default); transformers: model.generate")
     _add_common(g)
 
-    x = sub.add_parser("export", help="write a quantized folder in another tool's layout (gptq)")
+    x = sub.add_parser(
+        "export", help="write a quantized folder in another tool's layout (gptq, gguf)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="targets:\n"
+                    "  gptq  GPTQ checkpoint layout (GPTQModel, transformers/optimum, vLLM): INT weight-only,\n"
+                    "        2/3/4/8 bits, any group size; a folder\n"
+                    "  gguf  llama.cpp: llama/mistral, INT weight-only at group 32 written exactly as\n"
+                    "        Q4_0 (4-bit sym), Q4_1 (4-bit), Q5_0 (5-bit sym), Q5_1 (5-bit), Q8_0 (8-bit sym);\n"
+                    "        norms and embeddings F32; one file\n"
+                    "other grids and formats are refused with the nearest exact scheme")
     x.add_argument("path")
-    x.add_argument("--format", default="gptq", choices=["gptq"])
+    x.add_argument("--format", default="gptq", choices=["gptq", "gguf"])
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
 
@@ -658,6 +667,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "gguf":
+        from .io.gguf_export import export_gguf
+
+        if not Path(args.path, "config.json").is_file():
+            raise AnybitError(f"{args.path} is not a folder written by `anybit quantize`")
+        res = export_gguf(args.path, args.out, overwrite=args.overwrite)
+        types = ", ".join(f"{n} {k}" for k, n in sorted(res["tensor_types"].items()))
+        exact = ("bit-exact" if res["max_weight_change"] == 0 else
+                 f"largest weight change {res['max_weight_change']:.2e} (float16 rounding of the group minimum)")
+        print(f"anybit: wrote {res['out']} (GGUF {res['architecture']}, {res['bytes'] / 2**20:.1f} MiB; {types}; {exact})")
+        return 0
     from .io.gptq_layout import export_gptq
 
     out = export_gptq(args.path, args.out, overwrite=args.overwrite)

@@ -269,3 +269,63 @@ def bench_e2e(gguf: Path, prompt_tokens: int, new_tokens: int, reps: int, thread
     return {"model": f"llama.cpp {gguf.name}", "prefill_tokens_per_s": prompt_tokens / tp,
             "decode_tokens_per_s": new_tokens / td, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "peak_rss_mib": m.peak_rss_mib, "weights_mib": gguf.stat().st_size / 2**20}
+
+
+# ------------------------------------------------------------------------- GGUF checks
+
+def gguf_logits(gguf: Path, windows, threads: int = 1):
+    """llama.cpp's logits ``float32 [n, T, V]`` for token ``windows [n, T]`` (each from an
+    empty cache), as numpy."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    n, t = windows.shape
+    llm = Llama(model_path=str(gguf), n_ctx=max(t, 64), n_batch=min(t, 512), n_ubatch=min(t, 512), logits_all=True,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    out = []
+    for row in windows.tolist():
+        llm.reset()
+        llm.eval([int(x) for x in row])
+        out.append(np.array(llm.scores[:t], dtype=np.float32))
+    del llm
+    return np.stack(out)
+
+
+def agreement(model, gguf: Path, windows, threads: int = 1) -> dict:
+    """anybit's ``model`` and llama.cpp on ``gguf`` over the same token windows: mean KL
+    (anybit ‖ llama.cpp) per token, top-1 agreement, and both perplexities (GPTQ's
+    definition: mean next-token NLL over every position but the last of each window)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    ll = torch.from_numpy(gguf_logits(gguf, windows, threads))
+    kl = nll_a = nll_l = 0.0
+    top1 = count = 0
+    with torch.inference_mode():
+        for i in range(windows.shape[0]):
+            ids = windows[i:i + 1]
+            a = model(ids, use_cache=False).logits[0].float()
+            b = ll[i]
+            la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+            kl += float((la.exp() * (la - lb)).sum())
+            top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
+            count += a.shape[0]
+            nll_a += float(F.cross_entropy(a[:-1], ids[0, 1:], reduction="sum"))
+            nll_l += float(F.cross_entropy(b[:-1], ids[0, 1:], reduction="sum"))
+    pred = windows.shape[0] * (windows.shape[1] - 1)
+    return {"tokens": count, "kl": kl / count, "top1_agreement": top1 / count, "ppl_anybit": math.exp(nll_a / pred),
+            "ppl_llama_cpp": math.exp(nll_l / pred)}
+
+
+def gguf_perplexity(gguf: Path, windows, threads: int = 1) -> float:
+    """llama.cpp's perplexity of ``gguf`` on token ``windows`` (definition of :func:`agreement`)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    ll = torch.from_numpy(gguf_logits(gguf, windows, threads))
+    nll = sum(float(F.cross_entropy(ll[i, :-1], windows[i, 1:], reduction="sum")) for i in range(windows.shape[0]))
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
