@@ -8,6 +8,8 @@ Python API::
     print(anybit.evaluate(lm.model, lm.tokenizer, "wikitext2", seqlen=256).ppl)
     anybit.save(lm.model, lm.tokenizer, "out/stories-w4")
     model, tokenizer = anybit.load("out/stories-w4")
+    # or, in code that uses transformers:
+    model = transformers.AutoModelForCausalLM.from_pretrained("out/stories-w4")
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from .models import load_model
 from .pipeline import quantize
 
 __version__ = "0.1.0"
+
+
+def _register_with_transformers() -> None:
+    # after `import anybit`, transformers' from_pretrained loads anybit folders
+    from .io.hf_quantizer import register
+
+    register()
+
+
+_register_with_transformers()
 
 
 def evaluate(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,

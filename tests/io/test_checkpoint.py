@@ -127,3 +127,26 @@ def test_quantized_lm_head_is_untied_and_round_trips(tmp_path, fresh_stories):
     loaded, _ = anybit.load(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
+
+
+@needs_stories
+@pytest.mark.parametrize("extra", [[], ["--lm-head-bits", "8"], ["--abits", "8", "--method", "rtn"]])
+def test_transformers_from_pretrained_loads_anybit_folders(tmp_path, extra):
+    """After `import anybit`, AutoModelForCausalLM.from_pretrained(folder) is anybit.load's model."""
+    from transformers import AutoModelForCausalLM
+
+    import anybit
+    from anybit.cli import main
+    from anybit.nn import QuantLinear
+
+    out = tmp_path / "q"
+    assert main(["quantize", "stories260k", "--wbits", "4", "--group-size", "32", *extra, "--out", str(out),
+                 "--quiet"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ref, tok = anybit.load(out)
+    assert isinstance(model.model.layers[2].mlp.down_proj, QuantLinear)
+    for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)
+    ids = tok("Once upon a time", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
