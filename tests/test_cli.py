@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from anybit.cli import main
@@ -141,3 +142,63 @@ def test_weight_activation_scheme_round_trip(tmp_path, capsys):
     info = json.loads(stdout)
     assert {(x["format"], x["abits"], x["act"]["sym"]) for x in info["layers"].values()} == {("bitplane", 8, True)}
     assert all(x["bits_per_activation"] > 8 for x in info["layers"].values())
+
+
+def _copy_stories(dst):
+    dst.mkdir()
+    for f in STORIES.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@needs_stories
+def test_more_bad_input_at_the_door(tmp_path, capsys):
+    """Issue 15's list: each ends in one line, exit 2, nothing written."""
+    o = str(tmp_path / "o")
+    assert_one_line_error(*run(capsys, "quantize", "stories260k", "--threads", "-1", "--out", o)[::2], "--threads")
+    trunc = _copy_stories(tmp_path / "trunc")
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for argv in (("quantize", str(trunc), "--out", o), ("eval", str(trunc), "--dataset", str(STORIES_TEST)),
+                 ("generate", str(trunc), "Once")):
+        assert_one_line_error(*run(capsys, *argv)[::2], "corrupt")
+    shapes = _copy_stories(tmp_path / "shapes")
+    cfg = json.loads((shapes / "config.json").read_text())
+    cfg["intermediate_size"] = 200  # the weights are 172 wide
+    (shapes / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(*run(capsys, "quantize", str(shapes), "--out", o)[::2], str(shapes))
+    binary = _copy_stories(tmp_path / "binary")
+    (binary / "config.json").write_bytes(bytes(range(256)) * 4)
+    assert_one_line_error(*run(capsys, "eval", str(binary))[::2], "corrupt")
+    listed = _copy_stories(tmp_path / "listed")
+    (listed / "config.json").write_text("[1, 2, 3]")
+    assert_one_line_error(*run(capsys, "quantize", str(listed), "--out", o)[::2], "not an object")
+    assert not (tmp_path / "o").exists()
+
+    q = tmp_path / "q"
+    assert run(capsys, "quantize", "stories260k", "--group-size", "32", "--out", str(q), "--quiet")[0] == 0
+    cfg = json.loads((q / "config.json").read_text())
+    layer = next(iter(cfg["quantization_config"]["layers"]))
+    del cfg["quantization_config"]["layers"][layer]["bits"]
+    (q / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(*run(capsys, "eval", str(q), "--dataset", str(STORIES_TEST))[::2], layer, "invalid")
+
+
+@needs_stories
+def test_overwritten_packed_bytes_fail_the_sha256(tmp_path, capsys):
+    q = tmp_path / "q"
+    assert run(capsys, "quantize", "stories260k", "--group-size", "32", "--out", str(q), "--quiet")[0] == 0
+    assert "sha256" in json.loads((q / "config.json").read_text())["quantization_config"]
+    state = load_file(str(q / "model.safetensors"))
+    key = next(k for k in state if k.endswith("qweight"))
+    state[key] = torch.randint(0, 255, state[key].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    save_file(state, str(q / "model.safetensors"), metadata={"format": "pt"})
+    assert_one_line_error(*run(capsys, "generate", str(q), "Once upon a time")[::2], "sha256", "--no-verify")
+    code, out, _ = run(capsys, "generate", str(q), "Once upon a time", "--no-verify", "--max-new-tokens", "4")
+    assert code == 0 and out.startswith("Once upon a time")
+
+
+@needs_stories
+def test_generate_past_the_context_is_refused(capsys):
+    assert_one_line_error(*run(capsys, "generate", "stories260k", "Once", "--max-new-tokens", "2000")[::2],
+                          "context of 512")

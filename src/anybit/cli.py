@@ -28,6 +28,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--kernel", default=None, help="kernel backend: auto (default) or reference")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load anybit folders without checking their recorded sha256")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,10 +208,15 @@ def _setup(args) -> None:
         os.environ["ANYBIT_DATA"] = args.data_dir
     if getattr(args, "quiet", False):
         os.environ["ANYBIT_QUIET"] = "1"
+    if getattr(args, "no_verify", False):
+        os.environ["ANYBIT_NO_VERIFY"] = "1"
     import torch
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise AnybitError(f"--threads must be at least 1, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     if getattr(args, "kernel", None):
         from . import kernels
 

@@ -63,3 +63,39 @@ def test_calibration_text_errors(tmp_path):
         assert p.returncode == 2 and "Traceback" not in p.stderr
         assert p.stderr.strip().splitlines()[-1].startswith("anybit: error:") and needle in p.stderr, p.stderr
         assert not (tmp_path / "o").exists()
+
+
+@needs_stories
+def test_a_crash_at_any_write_point_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """Fault injection at every write of the run folder (before each temporary file, before
+    each rename, after it, after the old activations are deleted): the resumed run saves a
+    model.safetensors byte for byte equal to an uninterrupted run's."""
+    import anybit
+    from anybit.data import calibration_windows, load_text
+    from anybit.io.checkpoint import WEIGHTS
+    from anybit.methods import sequential
+
+    def run(run_dir, out, crash_at=None):
+        lm = anybit.load_model("stories260k")
+        calib = calibration_windows(lm.tokenizer, load_text(str(STORIES_TRAIN), "train"), 8, 64, seed=0)
+        cfg = anybit.QuantConfig(method="gptq", wbits=3, group_size=32)
+        sequential._write_points["n"] = 0
+        if crash_at is None:
+            monkeypatch.delenv("ANYBIT_TEST_CRASH_AT_WRITE", raising=False)
+        else:
+            monkeypatch.setenv("ANYBIT_TEST_CRASH_AT_WRITE", str(crash_at))
+        try:
+            anybit.quantize(lm.model, cfg, calib, progress=False, run_dir=run_dir)
+        except sequential.InjectedCrash:
+            return None
+        monkeypatch.delenv("ANYBIT_TEST_CRASH_AT_WRITE", raising=False)
+        anybit.save(lm.model, lm.tokenizer, out)
+        return (out / WEIGHTS).read_bytes()
+
+    want = run(tmp_path / "ref-run", tmp_path / "ref")
+    points = sequential._write_points["n"]
+    assert points == 5 * 10  # 5 blocks x (3 files x 3 points + the deletion)
+    for n in range(points):
+        run_dir = tmp_path / f"run{n}"
+        assert run(run_dir, None, crash_at=n) is None
+        assert run(run_dir, tmp_path / f"out{n}") == want, f"crash at write point {n}"

@@ -138,12 +138,40 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:20]
 
 
+class InjectedCrash(BaseException):
+    """Raised by the fault-injection hook (tests): a crash at one write point."""
+
+
+# test hook: crash at the N-th write point of a run (counted from 0 over the process)
+_write_points = {"n": 0}
+
+
+def _write_point() -> None:
+    n = _write_points["n"]
+    _write_points["n"] = n + 1
+    at = os.environ.get("ANYBIT_TEST_CRASH_AT_WRITE")
+    if at is not None and n == int(at):
+        raise InjectedCrash(f"injected crash at write point {n}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class RunFolder:
     """Progress of a sequential run: per-block states and the current activations.
 
-    Layout: ``progress.json`` (fingerprint, blocks done, layer specs and reports),
-    ``block_{i}.safetensors`` (state of quantized block i), ``acts.safetensors``
-    (inputs of the next block). Each file is written to a temporary name and renamed.
+    Layout: ``progress.json`` (fingerprint, blocks done, layer specs and reports, and the
+    name of the activation file of that step), ``block_{i}.safetensors`` (state of quantized
+    block i), ``acts_{i}.safetensors`` (inputs of block i). Crash consistency: every file is
+    written under a temporary name, fsynced and renamed; a step's files are complete before
+    ``progress.json`` names them, and a step never overwrites a file the previous
+    ``progress.json`` names. A kill at any instruction therefore leaves the old step or the
+    new one, never a mixture (tests/methods/test_resume.py kills at every write point).
     """
 
     def __init__(self, path: Path, key: str):
@@ -156,34 +184,53 @@ class RunFolder:
     def load_progress(self) -> dict | None:
         try:
             prog = json.loads(self._progress_file().read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
-        return prog if prog.get("key") == self.key else None
+        if not isinstance(prog, dict) or prog.get("key") != self.key:
+            return None
+        needed = [f"block_{i}.safetensors" for i in range(int(prog.get("done", 0)))] + [prog.get("acts", "")]
+        if not all((self.path / f).is_file() for f in needed):
+            return None  # a folder from another version, or damaged: start over
+        return prog
 
     def reset(self) -> None:
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
 
-    def _atomic_save(self, tensors: dict, name: str) -> None:
+    def _atomic_write(self, name: str, write) -> None:
         tmp = self.path / f".{name}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        _write_point()
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _write_point()
         os.replace(tmp, self.path / name)
+        _fsync_dir(self.path)
+        _write_point()
+
+    def _atomic_save(self, tensors: dict, name: str) -> None:
+        self._atomic_write(name, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
     def save_block(self, i: int, block: nn.Module, hidden_next: torch.Tensor, progress: dict,
                    fp_next: torch.Tensor | None = None) -> None:
+        """Step i: block i's state, the inputs of block i + 1, then the progress naming them."""
         self._atomic_save(block.state_dict(), f"block_{i}.safetensors")
         acts = {"hidden": hidden_next} if fp_next is None else {"hidden": hidden_next, "fp_hidden": fp_next}
-        self._atomic_save(acts, "acts.safetensors")
-        tmp = self.path / ".progress.json.tmp"
-        tmp.write_text(json.dumps(progress))
-        os.replace(tmp, self._progress_file())
+        name = f"acts_{i + 1}.safetensors"
+        self._atomic_save(acts, name)
+        text = json.dumps({**progress, "acts": name})
+        self._atomic_write("progress.json", lambda tmp: tmp.write_text(text))
+        old = self.path / f"acts_{i}.safetensors"  # the previous step's inputs: no longer named
+        if old.exists():
+            old.unlink()
+        _write_point()
 
     def load_block(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / f"block_{i}.safetensors"))
 
-    def load_acts(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / "acts.safetensors"))
+    def load_acts(self, prog: dict) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / prog["acts"]))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -246,7 +293,7 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
         inputs.fp_hidden.copy_(inputs.hidden)
         inputs.fp_out = alloc_acts(tuple(inputs.hidden.shape), where, "acts_fp_b")
     if prog is not None and start < len(blocks):
-        acts = folder.load_acts()
+        acts = folder.load_acts(prog)
         inputs.hidden.copy_(acts["hidden"])
         if fp_chain:
             inputs.fp_hidden.copy_(acts["fp_hidden"])

@@ -87,11 +87,20 @@ def resolve_builtin(name: str) -> Path:
     raise KeyError(name)
 
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors
+    class SafetensorError(Exception):
+        pass
+
+
 def _check_config(config_path: Path) -> dict:
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AnybitError(f"cannot read {config_path} ({e.__class__.__name__}); the model folder is corrupt") from None
+    if not isinstance(config, dict):
+        raise AnybitError(f"{config_path} holds a JSON {type(config).__name__}, not an object; the model folder is corrupt")
     model_type = config.get("model_type")
     if model_type not in supported_model_types():
         raise AnybitError(
@@ -108,9 +117,10 @@ def _load_hf_folder(path: Path | str, dtype: torch.dtype) -> tuple[nn.Module, ob
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-            raise AnybitError(f"cannot load the model in {path}: {msg}") from None
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+            # truncated or garbled safetensors, weights whose shapes disagree with config.json, ...
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise AnybitError(f"cannot load the model in {path}: {msg[:300]}; the folder is corrupt or incomplete") from None
     return model.eval(), tokenizer
 
 
