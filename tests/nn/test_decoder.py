@@ -118,3 +118,23 @@ def test_what_the_decoder_refuses():
     d(torch.ones(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="past"):
         d(torch.ones(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cfg", [dict(method="bcq", wbits=3, group_size=64),
+                                 dict(method="rtn", wbits=6, abits=6, group_size=-1),
+                                 dict(method="rtn", wbits=4, abits=8, group_size=-1)],
+                         ids=["bcq-w3", "bitplane-w6a6", "bitplane-w4a8"])
+def test_native_step_runs_bcq_and_bitplane_layers(cfg):
+    from anybit.kernels import native
+
+    if not native.available():
+        pytest.skip("native kernels not built")
+    model = tiny_model("llama", hidden_size=128, intermediate_size=256)
+    quantize(model, QuantConfig(**cfg))
+    ids = torch.randint(1, 500, (1, 16), generator=torch.Generator().manual_seed(4))
+    fast, slow = StaticDecoder(model, 24), StaticDecoder(model, 24)
+    slow.fast = None
+    assert fast.fast is not None
+    torch.testing.assert_close(fast(ids[:, :8]), slow(ids[:, :8]), atol=1e-4, rtol=1e-4)
+    for j in range(8, 16):
+        _close_up_to_int8_flips(fast(ids[:, j:j + 1]), slow(ids[:, j:j + 1]))

@@ -496,22 +496,49 @@ class Q8Plan:
         return y
 
 
-class Q8Struct(ctypes.Structure):
-    """``AnybitQ8`` of anybit_native.cpp: one prepared int8-kernel product."""
-    _fields_ = [("K", c_int64), ("w", c_void_p), ("row_bytes", c_int64), ("N", c_int64), ("bits", c_int64),
-                ("gsize", c_int64), ("G", c_int64), ("B", c_int64), ("scales", c_void_p), ("szs", c_void_p),
-                ("bias", c_void_p), ("table", c_void_p), ("threads", c_int64)]
+class LinStruct(ctypes.Structure):
+    """``AnybitLin`` of anybit_native.cpp: one prepared linear of the native decoding step."""
+    _fields_ = [("kind", c_int64), ("K", c_int64), ("N", c_int64), ("threads", c_int64), ("bias", c_void_p),
+                ("w", c_void_p), ("row_bytes", c_int64), ("bits", c_int64), ("gsize", c_int64), ("G", c_int64),
+                ("B", c_int64), ("scales", c_void_p), ("szs", c_void_p), ("table", c_void_p), ("Npad", c_int64),
+                ("alpha", c_void_p), ("offset", c_void_p), ("W", c_int64), ("wsigned", c_int64), ("abits", c_int64),
+                ("asym", c_int64), ("agroup", c_int64), ("wsum", c_void_p)]
 
 
 class LayerStruct(ctypes.Structure):
     """``AnybitLayer`` of anybit_native.cpp: one decoder layer of the native decoding step."""
-    _fields_ = [("ln1", c_void_p), ("eps1", c_float), ("qkv", Q8Struct), ("o", Q8Struct), ("ln2", c_void_p),
-                ("eps2", c_float), ("gu", Q8Struct), ("down", Q8Struct), ("qn", c_void_p), ("kn", c_void_p),
-                ("neps", c_float), ("kc", c_void_p), ("vc", c_void_p)]
+    _fields_ = [("ln1", c_void_p), ("eps1", c_float), ("qkv", LinStruct * 3), ("n_qkv", c_int64), ("o", LinStruct),
+                ("ln2", c_void_p), ("eps2", c_float), ("gu", LinStruct * 2), ("n_gu", c_int64), ("down", LinStruct),
+                ("qn", c_void_p), ("kn", c_void_p), ("neps", c_float), ("kc", c_void_p), ("vc", c_void_p)]
 
 
-def q8_struct(plan: Q8Plan) -> Q8Struct:
-    return Q8Struct(*plan.args, plan.table, plan.threads)
+def lin_struct(item) -> LinStruct | None:
+    """The native decoding step's view of a :class:`Q8Plan`, or of one BCQ / bit-plane
+    QuantLinear whose batch-1 kernel applies (None: it needs the PyTorch path). The
+    module's kernel layout is cached on it; the struct only points into it."""
+    from ..nn.qlinear import QuantLinear
+
+    if isinstance(item, Q8Plan):
+        (k, w, row_bytes, n, bits, g, ng, block, scales, szs, bias) = item.args
+        return LinStruct(kind=0, K=k, N=n, threads=item.threads, bias=bias, w=w, row_bytes=row_bytes, bits=bits,
+                         gsize=g, G=ng, B=block, scales=scales, szs=szs, table=item.table)
+    if _load() is None or not isinstance(item, QuantLinear):
+        return None
+    spec, act = item.spec, item.act
+    n, k = item.shape
+    g, ng = _group(spec, k)
+    threads = _threads(n * k)
+    if spec.format in ("bcq", "bcq16") and bcq_supported(item):
+        d = _cached(item, _prep_bcq)
+        return LinStruct(kind=1, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["planes"]), bits=spec.bits,
+                         gsize=g, G=ng, Npad=d["npad"], alpha=_ptr(d["alpha"]), offset=_ptr(d["offset"]))
+    if spec.format == "bitplane" and act.enabled and act.group_size in (-1, g):
+        d = _cached(item, _prep_bitplane)
+        return LinStruct(kind=2, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["wplanes"]), bits=spec.bits,
+                         gsize=g, G=ng, Npad=d["npad"], W=d["W"], wsigned=int(spec.sym), scales=_ptr(d["sw"]),
+                         szs=_ptr(d["zw"]), wsum=_ptr(d["wsum"]), abits=act.bits, asym=int(not act.sym),
+                         agroup=-1 if act.group_size == -1 else g)
+    return None
 
 
 def q8_plan(modules: list) -> Q8Plan | None:

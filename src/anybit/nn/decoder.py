@@ -116,30 +116,47 @@ class StaticDecoder:
 
     def _fast_tables(self):
         """The layer table of the native decoding step (one token, the whole stack in one C
-        call), or None where a layer needs the PyTorch path (float or bit-plane linears,
-        quantized Q/K/V, a dtype other than float32)."""
+        call), or None where a layer needs the PyTorch path (float linears, a format without
+        a batch-1 kernel, quantized Q/K/V, a dtype other than float32)."""
         from ..kernels import native
 
         if native._load() is None or self.dtype != torch.float32:
             return None
+
+        def slots(plan, modules):
+            """Structs for one group of linears reading the same input: the fused plan, or one
+            per module."""
+            if plan is not None:
+                return [native.lin_struct(plan)]
+            return [native.lin_struct(m) for m in modules]
+
         rows = []
         for i, lay in enumerate(self.layers):
             plans = self.plans[i]
             spec = getattr(lay[13], "anybit_qkv", None)
-            if any(p is None for p in plans) or (spec is not None and spec.enabled):
+            if spec is not None and spec.enabled:
+                return None
+            qkv, o = slots(plans[0], lay[2:5]), slots(plans[1], lay[5:6])
+            gu, down = slots(plans[2], lay[8:10]), slots(plans[3], lay[10:11])
+            if any(x is None for x in qkv + o + gu + down):
                 return None
             qn, kn = lay[11], lay[12]
             norms = [lay[0], lay[6], *(z[0] for z in (qn, kn) if z is not None)]
             if any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
                 return None
-            rows.append(native.LayerStruct(
-                lay[0].data_ptr(), lay[1], native.q8_struct(plans[0]), native.q8_struct(plans[1]),
-                lay[6].data_ptr(), lay[7], native.q8_struct(plans[2]), native.q8_struct(plans[3]),
-                None if qn is None else qn[0].data_ptr(), None if kn is None else kn[0].data_ptr(),
-                (qn or kn or (None, 1e-6))[1], self.k_cache[i].data_ptr(), self.v_cache[i].data_ptr()))
+            row = native.LayerStruct(
+                ln1=lay[0].data_ptr(), eps1=lay[1], n_qkv=len(qkv), o=o[0], ln2=lay[6].data_ptr(), eps2=lay[7],
+                n_gu=len(gu), down=down[0], qn=None if qn is None else qn[0].data_ptr(),
+                kn=None if kn is None else kn[0].data_ptr(), neps=(qn or kn or (None, 1e-6))[1],
+                kc=self.k_cache[i].data_ptr(), vc=self.v_cache[i].data_ptr())
+            for j, x in enumerate(qkv):
+                row.qkv[j] = x
+            for j, x in enumerate(gu):
+                row.gu[j] = x
+            rows.append(row)
         table = (native.LayerStruct * len(rows))(*rows)
         d, hd = self.norm_w.shape[0], self.head_dim
-        ffn = self.plans[0][2].sizes[0]
+        ffn = self.layers[0][8].out_features
         x = torch.zeros(1, d)
         buf = torch.zeros(2 * d + (2 * self.n_heads + 2 * self.n_kv) * hd + 3 * ffn + self.max_len)
         return native._lib, table, ffn, x, buf
@@ -156,7 +173,7 @@ class StaticDecoder:
         h = F.rms_norm(x, (d,), self.norm_w, self.norm_eps)
         if self.head_plan is not None:
             return self.head_plan(h).view(1, 1, -1)
-        return self.head(h.view(1, 1, d))
+        return self.head(h.view(1, 1, d))  # any module: the kernel dispatch picks its kernel
 
     def reset(self) -> None:
         self.pos = 0

@@ -185,39 +185,60 @@ void anybit_silu_mul(const float* gu, int64_t rows, int64_t n, float* out) {
     DISPATCH_DEC(silu_mul(gu, rows, n, out))
 }
 
-// One int8-kernel product prepared by Python (native.Q8Plan), as a struct: the fields of
-// anybit_int_q8_gemm after x and M.
-struct AnybitQ8 {
-    int64_t K;
-    const uint8_t* w;
-    int64_t row_bytes, N;
-    int64_t bits, gsize, G, B;
-    const float *scales, *szs, *bias;
+// One prepared linear of the native decoding step (native.lin_struct builds it): kind 0 the
+// int8-activation kernel (INT/PoT, possibly several layers fused along N), 1 BCQ (LUT-GEMM),
+// 2 bit-plane (quantized activations). Fields a kind does not use are zero.
+struct AnybitLin {
+    int64_t kind, K, N, threads;
+    const float* bias;
+    const uint8_t* w;  // q8 layout | BCQ planes | bit-plane words
+    int64_t row_bytes, bits, gsize, G, B;
+    const float *scales, *szs;  // q8: scales, s·z | bit-plane: sw, zw
     const uint8_t* table;
-    int64_t threads;
+    int64_t Npad;  // BCQ, bit-plane
+    const float *alpha, *offset;  // BCQ
+    int64_t W, wsigned, abits, asym, agroup;  // bit-plane
+    const int64_t* wsum;
 };
 
-// One decoder layer of the native decoding step (nn/decoder.py builds them).
+// One decoder layer: Q/K/V as 1 (fused) or 3 linears, O, gate/up as 1 or 2, down.
 struct AnybitLayer {
     const float* ln1;
     float eps1;
-    AnybitQ8 qkv, o;
+    AnybitLin qkv[3];
+    int64_t n_qkv;
+    AnybitLin o;
     const float* ln2;
     float eps2;
-    AnybitQ8 gu, down;
+    AnybitLin gu[2];
+    int64_t n_gu;
+    AnybitLin down;
     const float *qn, *kn;
     float neps;
     float *kc, *vc;
 };
 
-static inline void q8_call(const AnybitQ8& p, const float* x, float* y) {
-    anybit_int_q8_gemm(x, 1, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.B, p.scales, p.szs, p.bias, y,
-                       (int)p.threads, p.table);
+static inline void lin_call(const AnybitLin& p, const float* x, float* y) {
+    switch (p.kind) {
+        case 0:
+            anybit_int_q8_gemm(x, 1, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.B, p.scales, p.szs, p.bias,
+                               y, (int)p.threads, p.table);
+            break;
+        case 1:
+            anybit_bcq_gemm(x, 1, p.K, p.w, p.Npad, p.N, (int)p.bits, p.gsize, p.G, p.alpha, p.offset, p.bias, y,
+                            (int)p.threads);
+            break;
+        default:
+            anybit_bitplane_gemm(x, 1, p.K, reinterpret_cast<const uint64_t*>(p.w), p.Npad, p.N, (int)p.bits,
+                                 (int)p.wsigned, p.gsize, p.G, p.W, p.scales, p.szs, p.wsum, (int)p.abits, (int)p.asym,
+                                 p.agroup, p.bias, y, (int)p.threads);
+            break;
+    }
 }
 
 // The whole transformer stack for one token at position pos: x [d] (the embedding in, the
-// last hidden state out, before the final norm). buf: scratch of d + qkv + H·D + 3·ffn +
-// maxT floats.
+// last hidden state out, before the final norm). buf: scratch of 2·d + (2·H + 2·Hkv)·D +
+// 3·ffn + maxT floats.
 void anybit_decode_layers(const AnybitLayer* layers, int64_t L, float* x, int64_t d, int64_t H, int64_t Hkv,
                           int64_t D, int64_t ffn, int64_t maxT, int64_t pos, const float* cos, const float* sin,
                           float scale, float* buf) {
@@ -226,20 +247,20 @@ void anybit_decode_layers(const AnybitLayer* layers, int64_t L, float* x, int64_
     float* a = qkv + (H + 2 * Hkv) * D;
     float* gu = a + H * D;
     float* m = gu + 2 * ffn;
-    float* o = m + ffn;  // max(d, ...) = d floats
+    float* o = m + ffn;
     float* scores = o + d;
     for (int64_t l = 0; l < L; ++l) {
         const AnybitLayer& ly = layers[l];
         anybit_rmsnorm(x, ly.ln1, ly.eps1, h, 1, d);
-        q8_call(ly.qkv, h, qkv);
+        for (int64_t j = 0, off = 0; j < ly.n_qkv; off += ly.qkv[j].N, ++j) lin_call(ly.qkv[j], h, qkv + off);
         anybit_attn_decode(qkv, qkv + H * D, qkv + (H + Hkv) * D, ly.kc, ly.vc, maxT, pos, cos, sin, H, Hkv, D, scale,
                            ly.qn, ly.kn, ly.neps, a, scores);
-        q8_call(ly.o, a, o);
+        lin_call(ly.o, a, o);
         for (int64_t i = 0; i < d; ++i) x[i] += o[i];
         anybit_rmsnorm(x, ly.ln2, ly.eps2, h, 1, d);
-        q8_call(ly.gu, h, gu);
+        for (int64_t j = 0, off = 0; j < ly.n_gu; off += ly.gu[j].N, ++j) lin_call(ly.gu[j], h, gu + off);
         anybit_silu_mul(gu, 1, ffn, m);
-        q8_call(ly.down, m, o);
+        lin_call(ly.down, m, o);
         for (int64_t i = 0; i < d; ++i) x[i] += o[i];
     }
 }
