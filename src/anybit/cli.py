@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--against", default=None, choices=["llama.cpp"],
                     help="also run llama.cpp on the source GGUF re-quantized to the nearest llama.cpp types "
                          "(same threads, prompt and generation lengths; needs the [bench] extra)")
+    be.add_argument("--llama-source", default=None,
+                    help="GGUF of the baseline for --against llama.cpp when the baseline is not one "
+                         "(e.g. benchmarks/synthetic_llama.py --gguf)")
     be.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process: measure MODEL only
     be.add_argument("--llama-gguf", default=None, help=argparse.SUPPRESS)  # child process: measure this GGUF
     _add_common(be)
@@ -612,8 +615,13 @@ def _llama_entries(args, baseline: str) -> list[tuple[str, list[str]]]:
         src = Path(resolve_builtin(baseline)) if not Path(baseline).exists() else Path(baseline)
     except (AnybitError, KeyError):
         src = Path(baseline)
+    if args.llama_source:
+        src = Path(args.llama_source)
+        if not src.is_file():
+            raise AnybitError(f"--llama-source {src} does not exist")
     if src.suffix != ".gguf":
-        raise AnybitError(f"--against llama.cpp needs a GGUF source model (e.g. smollm2-135m); {baseline} is not one")
+        raise AnybitError(f"--against llama.cpp needs a GGUF of the baseline; {baseline} is not one (give "
+                          "--llama-source FILE.gguf)")
     qc_path = Path(args.model) / "config.json"
     info = (json.loads(qc_path.read_text()).get("quantization_config") or None) if qc_path.is_file() else None
     threads = args.threads or torch.get_num_threads()
