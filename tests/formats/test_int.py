@@ -90,3 +90,25 @@ def test_shrink_clips_range():
     s_full, _ = intfmt.group_params(w, spec)
     s_half, _ = intfmt.group_params(w, spec, shrink=0.5)
     assert torch.isclose(s_half, s_full / 2, rtol=1e-3).all()
+
+
+def test_signed_rule_is_ggmls_q4_0_grid():
+    """sym_rule=signed: s = w_ext / -2^(b-1), the weight of largest magnitude on code 0 exactly."""
+    from anybit.formats.int import decode, encode, group_params
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    spec = FormatSpec("int", 4, 32, True)
+    s, z = group_params(w, spec, 1.0, "signed")
+    q = encode(w, s, z, spec)
+    wq = decode(q, s, z, spec)
+    g = w.reshape(16, 2, 32)
+    ext = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.equal(s, (ext / -8).to(torch.float16).float())
+    assert (s < 0).any() and (s > 0).any()
+    assert int(q.min()) == 0 and int(q.max()) <= 15
+    err = {r: (decode(encode(w, *group_params(w, spec, 1.0, r), spec), *group_params(w, spec, 1.0, r), spec) - w)
+           .pow(2).mean() for r in ("absmax", "signed")}
+    assert err["signed"] < err["absmax"]
+    # the side opposite the extreme has one level fewer: errors up to one step there
+    assert (wq - w).abs().max() <= s.abs().max() + 1e-6

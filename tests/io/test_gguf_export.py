@@ -16,8 +16,8 @@ from anybit.peers import llama_cpp
 from conftest import needs_stories, tiny_model
 
 
-@pytest.mark.parametrize("kind", list(GGML_TYPES))
-def test_blocks_decode_to_anybits_weights(kind):
+@pytest.mark.parametrize("kind,rule", [(k, "absmax") for k in GGML_TYPES] + [("Q4_0", "signed"), ("Q8_0", "signed")])
+def test_blocks_decode_to_anybits_weights(kind, rule):
     import gguf.quants
 
     bits, sym = GGML_TYPES[kind]
@@ -25,7 +25,7 @@ def test_blocks_decode_to_anybits_weights(kind):
     torch.manual_seed(0)
     w = torch.randn(7, 96) * torch.rand(7, 1) * 3  # odd rows, 3 groups of various ranges
     fmt = get_format("int")
-    packed = fmt.quantize(w, spec)
+    packed = fmt.quantize(w, spec, sym_rule=rule)  # signed: negative scales, as ggml writes them
     want = fmt.dequantize(packed, spec, w.shape)
     codes, scales, zeros = fmt.unpack(packed, spec, w.shape)
     blocks, change = pack_blocks(codes, scales, zeros, kind)

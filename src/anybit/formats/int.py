@@ -34,7 +34,7 @@ def qrange(bits: int, sym: bool) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-SYM_RULES = ("absmax", "range")
+SYM_RULES = ("absmax", "range", "signed")
 
 
 def group_params(
@@ -46,7 +46,10 @@ def group_params(
     ``sym_rule`` (symmetric grids): ``absmax``, ``s = absmax / (2^(b−1) − 1)`` (codes
     ``−2^(b−1)+1 … 2^(b−1)−1`` used, the lowest unused); ``range``, the GPTQ / GPTQModel
     rule ``s = 2·absmax / (2^b − 1)`` around the zero point ``2^(b−1)`` (every code used,
-    the top weight clipped to ``(2^(b−1)−1)·s``). Both store the same layout.
+    the top weight clipped to ``(2^(b−1)−1)·s``); ``signed``, ggml's Q4_0/Q5_0/Q8_0 rule
+    ``s = w_ext / −2^(b−1)`` with ``w_ext`` the group's weight of largest magnitude, sign
+    kept (so ``s`` may be negative): that weight lands exactly on the extra code, and every
+    code is used at the finer step absmax / 2^(b−1). All store the same layout.
     """
     wg, mask = grouped(w.float(), spec.group_size)
     big = torch.finfo(torch.float32).max
@@ -54,9 +57,14 @@ def group_params(
     wmin = torch.where(mask, wg, big).amin(-1)
     if spec.sym:
         amax = torch.maximum(wmax.abs(), wmin.abs()) * shrink
+        z = torch.full_like(amax, float(1 << (spec.bits - 1)))
+        if sym_rule == "signed":
+            ext = torch.where(wmax.abs() >= wmin.abs(), wmax, wmin) * shrink
+            s = ext / -(1 << (spec.bits - 1))
+            s = torch.where(s.abs() < _MIN_SCALE, torch.full_like(s, -_MIN_SCALE), s).to(SCALE_DTYPE).float()
+            return s, z
         s = amax / ((1 << (spec.bits - 1)) - 1) if sym_rule == "absmax" else 2 * amax / ((1 << spec.bits) - 1)
         s = s.clamp_min(_MIN_SCALE).to(SCALE_DTYPE).float()
-        z = torch.full_like(s, float(1 << (spec.bits - 1)))
         return s, z
     # asymmetric: the range always contains 0 so that zero weights stay exact
     wmax = (wmax.clamp_min(0) * shrink)
@@ -121,10 +129,10 @@ class IntFormat(WeightFormat):
             zeros = bitpack.unpack(packed["qzeros"], spec.bits, scales.shape[-1]).float()
         return codes, scales, zeros
 
-    def quantize(self, w, spec, shrink=1.0, scales=None, zeros=None):
+    def quantize(self, w, spec, shrink=1.0, scales=None, zeros=None, sym_rule: str = "absmax"):
         """Round to nearest on the group grid (given ``scales``/``zeros``, or min/max ones)."""
         if scales is None:
-            scales, zeros = group_params(w, spec, shrink)
+            scales, zeros = group_params(w, spec, shrink, sym_rule)
         return self.pack(encode(w, scales, zeros, spec), scales, zeros, spec)
 
     def dequantize(self, packed, spec, shape):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import QuantConfig
+from ..errors import AnybitError
 from ..formats import FormatSpec
 from ..formats.base import grouped
 from ..formats import int as intfmt
@@ -48,10 +49,16 @@ class RTN(Method):
             run_key="") -> MethodResult:
         clip = bool(config.options.get("clip_search", False))
         grid = int(config.options.get("clip_grid", DEFAULT_GRID))
+        # symmetric grids: absmax (default), range (GPTQ's) or signed (ggml's Q4_0 rule)
+        sym_rule = str(config.options.get("sym_rule", "absmax"))
+        if sym_rule not in intfmt.SYM_RULES:
+            raise AnybitError(f"sym_rule must be one of {', '.join(intfmt.SYM_RULES)}, got {sym_rule!r}")
 
         def quantize_layer(linear, spec):
             w = linear.weight.data.float()
             shrink = search_shrink(w, spec, grid) if clip else 1.0
+            if spec.format == "int" and sym_rule != "absmax":
+                return QuantLinear.from_linear(linear, spec, shrink=shrink, sym_rule=sym_rule)
             return QuantLinear.from_linear(linear, spec, shrink=shrink)
 
         return quantize_layers_data_free(self, model, adapter, config, quantize_layer, "rtn", progress)
