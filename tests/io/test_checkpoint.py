@@ -144,6 +144,7 @@ def test_transformers_from_pretrained_loads_anybit_folders(tmp_path, extra):
                  "--quiet"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     ref, tok = anybit.load(out)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert isinstance(model.model.layers[2].mlp.down_proj, QuantLinear)
     for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
         assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)

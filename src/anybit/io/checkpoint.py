@@ -94,6 +94,8 @@ def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwrite: boo
         save_file(_state_for_disk(model), str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: safetensors writes metadata in hash order
         config = model.config.to_dict()
         config.pop("quantization_config", None)
+        if not config.get("architectures"):  # GGUF-converted configs carry null; loaders read it
+            config["architectures"] = [type(model).__name__]
         # the hash of every tensor file: a load that finds other bytes refuses them
         config["quantization_config"] = {**info, "sha256": {WEIGHTS: sha256_file(tmp / WEIGHTS)}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
