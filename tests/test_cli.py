@@ -202,3 +202,24 @@ def test_overwritten_packed_bytes_fail_the_sha256(tmp_path, capsys):
 def test_generate_past_the_context_is_refused(capsys):
     assert_one_line_error(*run(capsys, "generate", "stories260k", "Once", "--max-new-tokens", "2000")[::2],
                           "context of 512")
+
+
+@needs_stories
+def test_streaming_quantization_writes_the_same_bytes(tmp_path, capsys):
+    """--stream (one block read at a time from the shards) saves exactly the in-memory result."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(capsys, "quantize", "stories260k", "--wbits", "3", "--group-size", "32", "--lm-head-bits", "8",
+               "--skip", "down_proj", "--out", str(a), "--quiet")[0] == 0
+    assert run(capsys, "quantize", "stories260k", "--wbits", "3", "--group-size", "32", "--lm-head-bits", "8",
+               "--skip", "down_proj", "--stream", "--out", str(b), "--quiet")[0] == 0
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert_one_line_error(*run(capsys, "quantize", "stories260k", "--method", "gptq", "--stream",
+                               "--out", str(tmp_path / "c"))[::2], "--stream", "data-free")
+    assert_one_line_error(*run(capsys, "quantize", "stories260k", "--stream")[::2], "--out")
+    nan = _copy_stories(tmp_path / "nan")
+    state = load_file(str(nan / "model.safetensors"))
+    key = next(k for k in state if "layers.3" in k and "up_proj" in k)
+    state[key][0, 0] = float("nan")
+    save_file(state, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    assert_one_line_error(*run(capsys, "quantize", str(nan), "--stream", "--out", str(tmp_path / "d"))[::2], "NaN")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

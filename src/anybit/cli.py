@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
     q.add_argument("--clip-search", action="store_true", help="RTN: search a range shrink per group")
     q.add_argument("--skip", action="append", default=[], help="regex of layers to keep in float (repeatable)")
+    q.add_argument("--stream", action="store_true",
+                   help="read one decoder block at a time from the safetensors shards (data-free methods: rtn); "
+                        "peak memory about one float block plus the packed model")
     q.add_argument("--lm-head-bits", type=int, default=0,
                    help="also quantize the output head with RTN at this many bits (default 0: keep it float)")
     q.add_argument("--damp-percent", type=float, default=None, help="GPTQ dampening (default 0.01)")
@@ -357,9 +360,31 @@ def cmd_quantize(args) -> int:
     if args.out and os.path.exists(args.out) and not args.overwrite:
         raise AnybitError(f"output folder {args.out} already exists; choose another --out or pass --overwrite")
 
+    if args.stream:
+        if method.needs_calibration:
+            raise AnybitError(f"--stream runs data-free methods (rtn); {config.method} needs every block's inputs, "
+                              "drop --stream")
+        if args.out is None:
+            raise AnybitError("--stream writes a quantized folder; give --out DIR")
+        if args.eval is None:
+            eval_name = None  # no float evaluation first: the float model is never whole in memory
     with measure() as m_load:
-        lm = load_model(model_name)
-    check_finite(lm.model)
+        if args.stream:
+            from .models.lazy import load_lazy
+            from .models.loader import BUILTIN, LoadedModel, _gguf_cache_folder, resolve_builtin
+
+            src = Path(resolve_builtin(model_name.lower()) if model_name.lower() in BUILTIN else model_name)
+            if src.suffix == ".gguf":  # GGUF sources stream from their converted float folder
+                src = _gguf_cache_folder(src)
+                if not (src / "config.json").is_file():
+                    raise AnybitError(f"{model_name} has no converted float folder yet; run `anybit eval {model_name}` "
+                                      "(or any command without --stream) once, then --stream")
+            lm = load_lazy(src)
+            lm = LoadedModel(lm.model, lm.tokenizer, model_name if model_name.lower() in BUILTIN else str(src))
+        else:
+            lm = load_model(model_name)
+    if not args.stream:
+        check_finite(lm.model)  # streaming checks each block as it is read
     _log(f"anybit: loaded {lm.source} in {m_load.seconds:.1f} s")
     report: dict = {"model": lm.source, "method": config.method, "scheme": config.scheme, "load_seconds": m_load.seconds}
 
@@ -382,7 +407,7 @@ def cmd_quantize(args) -> int:
     run_dir = None
     if method.needs_calibration:
         run_dir = _run_dir(args, lm.model, config, calib)
-    if windows is not None:
+    if windows is not None and not args.stream:
         before = perplexity(lm.model, windows, dataset=eval_text.name, progress=progress)
         report["before"] = before.to_dict()
         _log(f"anybit: before: {before.summary()}")
@@ -404,7 +429,7 @@ def cmd_quantize(args) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
     if args.json:
         print(json.dumps(report))
-    elif windows is not None:
+    elif windows is not None and "before" in report:
         print(f"{eval_text.name} seqlen {eval_seqlen}, {windows.shape[0]} windows, {windows.numel()} tokens: "
               f"ppl before {report['before']['ppl']:.4f}, after {report['after']['ppl']:.4f} "
               f"({config.method} {config.scheme})")

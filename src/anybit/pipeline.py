@@ -49,7 +49,10 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
         raise AnybitError(f"method {method.name} needs calibration data; pass --calib NAME_OR_PATH")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise AnybitError("this model is already quantized; start from the float model")
-    check_finite(model)
+    if getattr(model, "anybit_lazy", None) is None:
+        check_finite(model)
+    elif method.needs_calibration:
+        raise AnybitError(f"method {method.name} needs the whole model in memory; load it without streaming")
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     key = run_key(model, config, calibration) if run_dir is not None else ""

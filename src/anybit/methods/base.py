@@ -118,9 +118,12 @@ def quantize_layers_data_free(method: Method, model: nn.Module, adapter: Adapter
 
     result = MethodResult()
     blocks = adapter.get_blocks(model)
+    lazy = getattr(model, "anybit_lazy", None)  # streaming (models/lazy.py): read each block now
     it = bar(range(len(blocks)), desc=desc, enabled=progress, unit="block")
     for i in it:
         block = blocks[i]
+        if lazy is not None:
+            lazy.materialize(block, f"{adapter.blocks}.{i}")
         for lname, linear in adapter.get_linears(block).items():
             full = f"{adapter.blocks}.{i}.{lname}"
             spec = method.layer_spec(config, full)

@@ -1,0 +1,119 @@
+"""Models whose weights stay on disk until a block is quantized (streaming quantization).
+
+``load_lazy(folder)`` builds the model on the meta device and loads only the embeddings,
+the final norm and the head; each decoder block's tensors are read from the safetensors
+shards (``safe_open``, so a shard is mapped, not read whole) when the method reaches it,
+and its float linears are dropped once they are replaced by packed ones. Peak memory is
+then about one float block plus the packed model plus the embeddings, whatever the depth
+(docs/streaming numbers in docs/foundation.md). Data-free methods only (RTN): calibrated
+methods need every block's inputs, which the in-memory path provides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AnybitError
+
+
+class LazyWeights:
+    """Tensor name -> shard of a Hugging Face folder, read on demand."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.folder = folder
+        self.dtype = dtype
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                self.where = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise AnybitError(f"{index} is corrupt ({e.__class__.__name__}); the model folder is incomplete") from None
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as st:
+                self.where = {k: "model.safetensors" for k in st.keys()}
+        else:
+            raise AnybitError(f"{folder} has no safetensors weights; --stream reads model.safetensors (or its shards)")
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        shard = self.where.get(name)
+        if shard is None:
+            raise AnybitError(f"{self.folder}: tensor {name} is not in the checkpoint; the model folder is incomplete")
+        try:
+            with safe_open(str(self.folder / shard), framework="pt") as st:
+                t = st.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise AnybitError(f"{self.folder / shard} is corrupt ({str(e).splitlines()[0] if str(e) else e}); "
+                              "the model folder is incomplete") from None
+        return t.to(self.dtype)
+
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        """Replace every meta parameter of ``module`` (named ``prefix.<name>`` on disk) by its
+        tensor from the checkpoint; a shape that disagrees with the config is an error."""
+        for mname, mod in module.named_modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is None or not p.is_meta:
+                    continue
+                full = ".".join(x for x in (prefix, mname, pname) if x)
+                t = self.get(full)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise AnybitError(f"{full} has shape {tuple(t.shape)} in the checkpoint but {tuple(p.shape)} in "
+                                      "config.json; the model folder is corrupt")
+                if not torch.isfinite(t).all():
+                    raise AnybitError(f"{full} has NaN or infinite weights; fix the model before quantizing")
+                mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+
+
+def load_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A :class:`~anybit.models.loader.LoadedModel` whose decoder blocks load on demand
+    (``model.anybit_lazy``: the :class:`LazyWeights`, used by the data-free methods)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import get_adapter
+    from .loader import LoadedModel, _check_config, _quiet
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AnybitError(f"--stream needs a Hugging Face model folder; {path} is not one")
+    _check_config(folder / "config.json")
+    weights = LazyWeights(folder, dtype)
+    with _quiet():
+        try:
+            config = AutoConfig.from_pretrained(folder)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise AnybitError(f"cannot load the model in {folder}: {str(e).splitlines()[0] if str(e) else e}") from None
+    adapter = get_adapter(model)
+    blocks = adapter.get_blocks(model)
+    block_ids = {id(p) for b in blocks for p in b.parameters()}
+    # everything outside the blocks now (embeddings, final norm, head)
+    for mname, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None or not p.is_meta or id(p) in block_ids:
+                continue
+            full = ".".join(x for x in (mname, pname) if x)
+            if full == "lm_head.weight" and full not in weights.where and getattr(config, "tie_word_embeddings", False):
+                continue  # tied: restored below
+            t = weights.get(full)
+            mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    # buffers computed at construction (rotary frequencies) are rebuilt off the meta device
+    for mname, mod in model.named_modules():
+        if any(b is not None and b.is_meta for b in mod._buffers.values()):
+            parent_name, _, child = mname.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device("cpu"):
+                setattr(parent, child, type(mod)(config=config))
+    model.anybit_lazy = weights
+    model.eval()
+    return LoadedModel(model, tokenizer, str(folder))
