@@ -136,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "  gguf  llama.cpp: llama/mistral, INT weight-only at group 32 written exactly as\n"
                     "        Q4_0 (4-bit sym), Q4_1 (4-bit), Q5_0 (5-bit sym), Q5_1 (5-bit), Q8_0 (8-bit sym);\n"
                     "        norms and embeddings F32; one file\n"
+                    "  compressed-tensors  llm-compressor / vLLM (pack-quantized): INT weight-only, 2-8 bits, per\n"
+                    "        channel or groups dividing K; a folder\n"
                     "other grids and formats are refused with the nearest exact scheme")
     x.add_argument("path")
-    x.add_argument("--format", default="gptq", choices=["gptq", "gguf"])
+    x.add_argument("--format", default="gptq", choices=["gptq", "gguf", "compressed-tensors"])
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
 
@@ -717,6 +719,13 @@ def cmd_export(args) -> int:
         exact = ("bit-exact" if res["max_weight_change"] == 0 else
                  f"largest weight change {res['max_weight_change']:.2e} (float16 rounding of the group minimum)")
         print(f"anybit: wrote {res['out']} (GGUF {res['architecture']}, {res['bytes'] / 2**20:.1f} MiB; {types}; {exact})")
+        return 0
+    if args.format == "compressed-tensors":
+        from .io.compressed_tensors import export_compressed_tensors
+
+        res = export_compressed_tensors(args.path, args.out, overwrite=args.overwrite)
+        print(f"anybit: wrote {res['out']} (compressed-tensors pack-quantized; {res['layers']} layers in "
+              f"{res['groups']} config group(s))")
         return 0
     from .io.gptq_layout import export_gptq
 
