@@ -114,6 +114,11 @@ def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         hf_config = {k: v for k, v in config.items() if k != "quantization_config"}
+        if not hf_config.get("architectures"):  # folders saved before 2026-12-02 carry null (from GGUF)
+            arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "opt": "OPTForCausalLM"}.get(config.get("model_type"))
+            if arch:
+                hf_config["architectures"] = [arch]
         hf_config["quantization_config"] = {k: v for k, v in gptq_cfg.items() if k != "meta"}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(gptq_cfg, indent=2) + "\n")
