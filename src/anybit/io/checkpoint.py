@@ -144,6 +144,21 @@ def _read_weights(path: Path, sha256: dict | None = None) -> dict[str, torch.Ten
         raise AnybitError(f"{f} is corrupt ({msg}); re-run anybit quantize") from None
 
 
+def _rebuild_meta_buffers(model: nn.Module, config) -> None:
+    """Buffers computed at construction and not saved (rotary frequencies) are rebuilt off
+    the meta device."""
+    for mname, mod in list(model.named_modules()):
+        if any(b is not None and b.is_meta for b in mod._buffers.values()):
+            parent_name, _, child = mname.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device("cpu"):
+                try:
+                    fresh = type(mod)(config=config)
+                except TypeError:
+                    raise AnybitError(f"cannot rebuild {mname} ({type(mod).__name__}) off the meta device") from None
+            setattr(parent, child, fresh)
+
+
 def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
     """Load a quantized folder: returns ``(model, tokenizer)`` with packed :class:`QuantLinear` layers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -163,7 +178,9 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
         hf_config = AutoConfig.for_model(model_type, **config)
     except ValueError as e:
         raise AnybitError(f"{path}/config.json: {e}") from None
-    with _quiet():
+    # on the meta device: a float model is never built (its linears would be the size of the
+    # float checkpoint); every tensor then comes from the file
+    with _quiet(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     get_adapter(model)  # unsupported architectures fail here, clearly
     for name, spec_d in qc["layers"].items():
@@ -190,9 +207,13 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
         what = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "") \
             + (f" wrong shape/dtype {bad[:3]}" if bad else "")
         raise AnybitError(f"{path}/{WEIGHTS} does not match its config ({what.strip()}); the checkpoint is corrupt")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)  # the read tensors become the buffers: no second copy
     if tied:
         model.tie_weights()
+    _rebuild_meta_buffers(model, hf_config)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise AnybitError(f"{path}/{WEIGHTS} lacks {left[:3]}; the checkpoint is corrupt")
     if isinstance(qc.get("qkv"), dict):
         from ..nn.attention import set_qkv
 
