@@ -107,13 +107,9 @@ def load_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
             mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    # buffers computed at construction (rotary frequencies) are rebuilt off the meta device
-    for mname, mod in model.named_modules():
-        if any(b is not None and b.is_meta for b in mod._buffers.values()):
-            parent_name, _, child = mname.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            with torch.device("cpu"):
-                setattr(parent, child, type(mod)(config=config))
+    from ..io.checkpoint import _rebuild_meta_buffers
+
+    _rebuild_meta_buffers(model, config)  # rotary frequencies, computed at construction
     model.anybit_lazy = weights
     model.eval()
     return LoadedModel(model, tokenizer, str(folder))
