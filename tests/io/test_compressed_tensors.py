@@ -59,3 +59,40 @@ def test_stories_export_and_decompression(tmp_path, capsys, sym):
             assert torch.equal(got.float(), mod.dequantize_weight()), name
             n += 1
     assert n == 30  # 5 blocks x 6 quantized linears (down_proj skipped)
+
+
+@needs_stories
+def test_w8a8_export(tmp_path):
+    q, out = tmp_path / "q", tmp_path / "ct"
+    assert main(["quantize", "stories260k", "--wbits", "8", "--abits", "8", "--group-size", "-1", "--sym", "--act-sym",
+                 "--skip", "down_proj", "--out", str(q), "--quiet"]) == 0
+    assert main(["export", str(q), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    g = next(iter(cfg["config_groups"].values()))
+    assert cfg["format"] == "int-quantized" and g["input_activations"]["strategy"] == "token"
+    assert g["input_activations"]["dynamic"] and g["weights"]["strategy"] == "channel"
+    st = load_file(str(out / "model.safetensors"))
+    p = "model.layers.0.mlp.up_proj"
+    assert st[p + ".weight"].dtype == torch.int8 and st[p + ".weight_scale"].shape == (172, 1)
+    q2 = tmp_path / "q2"
+    assert main(["quantize", "stories260k", "--wbits", "8", "--abits", "8", "--group-size", "-1", "--sym",
+                 "--skip", "down_proj", "--out", str(q2), "--quiet"]) == 0  # asymmetric activations
+    assert main(["export", str(q2), "--format", "compressed-tensors", "--out", str(tmp_path / "ct2")]) == 2
+    if not has_ct:
+        pytest.skip("compressed-tensors not installed (pip install -e '.[export]'): decompression not checked")
+    import anybit
+    from anybit.nn import QuantLinear
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**g["weights"]),
+                                input_activations=QuantizationArgs(**g["input_activations"]))
+    model, _ = anybit.load(q)
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            local = {k[len(name) + 1:]: v for k, v in st.items() if k.startswith(name + ".")}
+            got = IntQuantizationCompressor.decompress(local, scheme)["weight"]
+            assert torch.equal(got.float(), mod.dequantize_weight()), name
+            n += 1
+    assert n == 30

@@ -12,9 +12,10 @@ Per quantized linear ``P``:
   ``P.weight_shape``       int64 ``[2]``
 
 so that compressed-tensors' ``(q − zp)·scale`` is anybit's ``s·(code − z)``. Scales are
-written in float32 so that decompression in the scale's dtype is bit-exact. Refused: other
-formats, quantized activations (W8A8 with dynamic per-token activations is not written yet),
-groups that do not divide K (an output head on such a grid is written as its dequantized
+written in float32 so that decompression in the scale's dtype is bit-exact. W8A8 (INT8
+weights per channel, dynamic per-token INT8 activations, both symmetric) is written as
+``int-quantized``: ``P.weight`` int8 ``[N, K]`` and ``P.weight_scale`` ``[N, 1]``. Refused: other
+formats, other activation schemes, groups that do not divide K (an output head on such a grid is written as its dequantized
 float values and listed in ``ignore``).
 """
 
@@ -74,12 +75,29 @@ def export_compressed_tensors(path: str | os.PathLike, out: str | os.PathLike, o
         if not isinstance(mod, QuantLinear):
             continue
         spec, (n, k) = mod.spec, mod.shape
+        if mod.act.enabled:  # W8A8: int8 weights per channel, int8 activations per token, both symmetric
+            act = mod.act
+            if not (spec.format in ("int", "bitplane") and spec.bits == 8 and spec.sym and spec.group_size in (-1, k)
+                    and act.bits == 8 and act.sym and act.group_size == -1):
+                raise AnybitError(f"{name} is W{spec.bits}A{act.bits} (weights g{spec.group_size}{' sym' if spec.sym else ''}, "
+                                  f"activations{' sym' if act.sym else ' asym'} group {act.group_size}); compressed-tensors "
+                                  "W8A8 is written for --wbits 8 --abits 8 --group-size -1 --sym --act-sym only")
+            codes, scales, _ = mod.fmt.unpack(mod.packed(), spec, mod.shape)
+            state[f"{name}.weight"] = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+            state[f"{name}.weight_scale"] = scales.float().reshape(n, 1).contiguous()
+            if mod.bias is not None:
+                state[f"{name}.bias"] = mod.bias.detach().float().contiguous()
+            wq = {**_scheme(spec, k), "strategy": "channel", "group_size": None}
+            ia = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "group_size": None,
+                  "dynamic": True, "observer": None, "actorder": None}
+            key = json.dumps({"w": wq, "a": ia}, sort_keys=True)
+            groups.setdefault(key, {"targets": [], "weights": wq, "input_activations": ia,
+                                    "format": "int-quantized"})["targets"].append(f"re:^{name}$")
+            prefixes.add(name)
+            continue
         if spec.format != "int" or (spec.levels and spec.levels != 1 << spec.bits):
             raise AnybitError(f"{name} is {spec.format} W{spec.bits}; compressed-tensors holds INT grids only "
                               "(re-quantize with an INT method: rtn, gptq)")
-        if mod.act.enabled:
-            raise AnybitError(f"{name} quantizes its activations (A{mod.act.bits}); only weight-only INT models are "
-                              "exported to compressed-tensors so far")
         if spec.group_size not in (-1, k) and k % spec.group_size and name == "lm_head":
             # a head on a ragged grid: its exact dequantized values, in float, left unquantized
             state["lm_head.weight"] = mod.dequantize_weight().contiguous()
@@ -98,7 +116,8 @@ def export_compressed_tensors(path: str | os.PathLike, out: str | os.PathLike, o
         if mod.bias is not None:
             state[f"{name}.bias"] = mod.bias.detach().float().contiguous()
         key = json.dumps(_scheme(spec, k), sort_keys=True)
-        groups.setdefault(key, {"targets": [], "weights": _scheme(spec, k)})["targets"].append(f"re:^{name}$")
+        groups.setdefault(key, {"targets": [], "weights": _scheme(spec, k), "input_activations": None,
+                                "format": "pack-quantized"})["targets"].append(f"re:^{name}$")
         prefixes.add(name)
     if not groups:
         raise AnybitError(f"{src} has no quantized linear layers to export")
@@ -108,10 +127,11 @@ def export_compressed_tensors(path: str | os.PathLike, out: str | os.PathLike, o
     hf = {k_: v for k_, v in config.items() if k_ != "quantization_config"}
     if not hf.get("architectures"):
         hf["architectures"] = [type(model).__name__]
+    formats = {g["format"] for g in groups.values()}
     hf["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {f"group_{i}": {**g, "input_activations": None, "output_activations": None,
-                                         "format": "pack-quantized"} for i, g in enumerate(groups.values())},
+        "quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": {**g, "output_activations": None} for i, g in enumerate(groups.values())},
         "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "version": VERSION}
     out = Path(out)
     tmp = atomic_dir(out, overwrite)
