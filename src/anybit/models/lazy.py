@@ -5,7 +5,7 @@ the final norm and the head; each decoder block's tensors are read from the safe
 shards (``safe_open``, so a shard is mapped, not read whole) when the method reaches it,
 and its float linears are dropped once they are replaced by packed ones. Peak memory is
 then about one float block plus the packed model plus the embeddings, whatever the depth
-(docs/streaming numbers in docs/foundation.md). Data-free methods only (RTN): calibrated
+(measured in docs/streaming.md). Data-free methods only (RTN): calibrated
 methods need every block's inputs, which the in-memory path provides.
 """
 
