@@ -426,7 +426,11 @@ class ABQ(Method):
             lets: list[LETParams] = []
             if use_let:
                 ps = pairs(adapter, block, linear_pairs=True)
-                stats = input_range(block, [p.consumers[0] for p in ps], forward)
+                # a pair with a skipped (float) member is left out: the float layer would not
+                # absorb its half of the transform and the block's function would change
+                ps = [p for p in ps if all(specs.get(c) is not None for c in p.consumers)
+                      and (p.producer_is_norm or specs.get(p.producer) is not None)]
+                stats = input_range(block, [p.consumers[0] for p in ps], forward) if ps else {}
                 for p in ps:
                     rng = stats[p.consumers[0]]
                     shift = None
