@@ -201,3 +201,15 @@ def test_one_module_serves_decode_and_prefill_layouts():
             small, big = q(torch.ones(1, 256)), q(torch.ones(40, 256))
             assert (small - ref_small).norm() <= 0.03 * ref_small.norm()
             assert torch.allclose(big, ref_big, atol=1e-4)
+
+
+def test_tensors_off_the_cpu_never_reach_the_native_kernels():
+    """The dispatch asks where the input lives: a meta (or CUDA) tensor takes the reference
+    backend, which handles any device, instead of handing a non-CPU pointer to C."""
+    from anybit.formats import FormatSpec
+    from anybit.nn import QuantLinear
+
+    for fmt in ("int", "pot", "bcq"):
+        m = QuantLinear(64, 32, FormatSpec(fmt, 3, 32), device="meta")
+        y = m(torch.randn(1, 64, device="meta"))
+        assert y.shape == (1, 32) and y.device.type == "meta"
