@@ -159,13 +159,43 @@ def _rebuild_meta_buffers(model: nn.Module, config) -> None:
             setattr(parent, child, fresh)
 
 
+def install_quant_linears(model: nn.Module, layers: dict, where: str, device=None) -> None:
+    """Replace each linear named in ``layers`` (``quantization_config.layers``) by an empty
+    :class:`QuantLinear` of its spec, ready for the saved packed tensors."""
+    from ..nn import QuantLinear
+
+    for name, spec_d in layers.items():
+        try:
+            spec = FormatSpec.from_dict(spec_d)
+            act = ActSpec.from_layer(spec_d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise AnybitError(f"{where}: the quantization_config entry of {name} is invalid ({e.__class__.__name__}: "
+                              f"{e}); the checkpoint is corrupt") from None
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise AnybitError(f"{where}: layer {name} in quantization_config is not in the model; the checkpoint is "
+                              "corrupt") from None
+        get_format(spec.format).validate(spec)
+        q = QuantLinear(linear.in_features, linear.out_features, spec, bias=linear.bias is not None,
+                        dtype=linear.weight.dtype, device=device, act=act)
+        model.set_submodule(name, q)
+
+
+def apply_qkv(model: nn.Module, qc: dict) -> None:
+    """The Q/K/V activation quantizer recorded in ``quantization_config`` (ABQ-LLM), if any."""
+    if isinstance(qc.get("qkv"), dict):
+        from ..nn.attention import set_qkv
+
+        set_qkv(model, ActSpec.from_layer({"act": qc["qkv"]}))
+
+
 def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
     """Load a quantized folder: returns ``(model, tokenizer)`` with packed :class:`QuantLinear` layers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..models import get_adapter
     from ..models.loader import _quiet
-    from ..nn import QuantLinear
 
     path = Path(path)
     if not path.is_dir():
@@ -183,21 +213,7 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
     with _quiet(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     get_adapter(model)  # unsupported architectures fail here, clearly
-    for name, spec_d in qc["layers"].items():
-        try:
-            spec = FormatSpec.from_dict(spec_d)
-            act = ActSpec.from_layer(spec_d)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise AnybitError(f"{path}: the quantization_config entry of {name} is invalid ({e.__class__.__name__}: "
-                              f"{e}); the checkpoint is corrupt") from None
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise AnybitError(f"{path}: layer {name} in quantization_config is not in the model; the checkpoint is corrupt") from None
-        get_format(spec.format).validate(spec)
-        q = QuantLinear(linear.in_features, linear.out_features, spec, bias=linear.bias is not None,
-                        dtype=linear.weight.dtype, act=act)
-        model.set_submodule(name, q)
+    install_quant_linears(model, qc["layers"], str(path))
     expected = model.state_dict()
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     missing = [k for k in expected if k not in state and not (tied and k.endswith("lm_head.weight"))]
@@ -214,10 +230,7 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, object]:
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise AnybitError(f"{path}/{WEIGHTS} lacks {left[:3]}; the checkpoint is corrupt")
-    if isinstance(qc.get("qkv"), dict):
-        from ..nn.attention import set_qkv
-
-        set_qkv(model, ActSpec.from_layer({"act": qc["qkv"]}))
+    apply_qkv(model, qc)
     model.anybit_info = qc
     model.eval()
     if not (path / "tokenizer_config.json").is_file():

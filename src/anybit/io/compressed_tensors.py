@@ -37,13 +37,11 @@ VERSION = "0.20.1"  # the compressed-tensors version this layout was checked aga
 def pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned ``values [R, L]`` (< 2^bits) as int32 words ``[R, ceil(L·bits/32)]``: a dense
     little-endian bit stream per row, padded to whole groups of 32 values."""
-    r, length = values.shape
+    from .gptq_layout import pack_words  # the same little-endian stream (GPTQ's layout)
+
+    length = values.shape[1]
     padded = math.ceil(length / 32) * 32
-    v = torch.nn.functional.pad(values.to(torch.int64), (0, padded - length))
-    bit = torch.arange(bits, dtype=torch.int64)
-    stream = ((v.unsqueeze(-1) >> bit) & 1).reshape(r, padded * bits // 32, 32)
-    words = (stream << torch.arange(32, dtype=torch.int64)).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    words = pack_words(torch.nn.functional.pad(values.to(torch.int64), (0, padded - length)), bits)
     return words[:, : math.ceil(length * bits / 32)].contiguous()
 
 

@@ -317,12 +317,16 @@ def export_gguf(path: str | os.PathLike, out: str | os.PathLike, overwrite: bool
     change = 0.0
     counts: dict[str, int] = {}
 
-    def add(name: str, module, perm_heads: int | None = None):
-        nonlocal change
-        from ..nn.qlinear import QuantLinear
+    def f32(name: str, t: torch.Tensor) -> None:
+        writer.add_tensor(name, np.ascontiguousarray(t.detach().float().numpy()), raw_dtype=gguf.GGMLQuantizationType.F32)
+        counts["F32"] = counts.get("F32", 0) + 1
 
-        if isinstance(module, QuantLinear) and types.get(module_names[id(module)]) not in (None, "F32"):
-            kind = types[module_names[id(module)]]
+    def linear(name: str, path: str, perm_heads: int | None = None) -> None:
+        """The linear at ``path``: in its ggml type (``plan``), else as F32 weights."""
+        nonlocal change
+        module = model.get_submodule(path)
+        kind = types.get(path)
+        if kind not in (None, "F32"):  # a QuantLinear on a ggml grid
             codes, scales, zeros = module.fmt.unpack(module.packed(), module.spec, module.shape)
             if perm_heads:
                 perm = _permute_rows(perm_heads, codes.shape[0])
@@ -332,40 +336,27 @@ def export_gguf(path: str | os.PathLike, out: str | os.PathLike, overwrite: bool
             writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
             counts[kind] = counts.get(kind, 0) + 1
             return
-        w = module.dequantize_weight() if isinstance(module, QuantLinear) else module.weight.detach()
-        w = w.float()
-        if perm_heads:
-            w = w[_permute_rows(perm_heads, w.shape[0])]
-        writer.add_tensor(name, np.ascontiguousarray(w.numpy()), raw_dtype=gguf.GGMLQuantizationType.F32)
-        counts["F32"] = counts.get("F32", 0) + 1
-
-    module_names = {id(m): n for n, m in model.named_modules()}
-
-    def norm(name, mod):
-        writer.add_tensor(name, np.ascontiguousarray(mod.weight.detach().float().numpy()),
-                          raw_dtype=gguf.GGMLQuantizationType.F32)
-        counts["F32"] = counts.get("F32", 0) + 1
+        w = module.dequantize_weight() if kind == "F32" else module.weight  # F32: a head off the ggml grids
+        f32(name, w[_permute_rows(perm_heads, w.shape[0])] if perm_heads else w)
 
     inner = model.model
-    writer.add_tensor("token_embd.weight", np.ascontiguousarray(inner.embed_tokens.weight.detach().float().numpy()),
-                      raw_dtype=gguf.GGMLQuantizationType.F32)
-    counts["F32"] = counts.get("F32", 0) + 1
+    f32("token_embd.weight", inner.embed_tokens.weight)
     for i, layer in enumerate(inner.layers):
-        att, mlp = layer.self_attn, layer.mlp
-        norm(f"blk.{i}.attn_norm.weight", layer.input_layernorm)
-        add(f"blk.{i}.attn_q.weight", att.q_proj, n_head)
-        add(f"blk.{i}.attn_k.weight", att.k_proj, n_kv)
-        add(f"blk.{i}.attn_v.weight", att.v_proj)
-        add(f"blk.{i}.attn_output.weight", att.o_proj)
-        norm(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm)
-        add(f"blk.{i}.ffn_gate.weight", mlp.gate_proj)
-        add(f"blk.{i}.ffn_up.weight", mlp.up_proj)
-        add(f"blk.{i}.ffn_down.weight", mlp.down_proj)
-    norm("output_norm.weight", inner.norm)
+        p = f"model.layers.{i}"
+        f32(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight)
+        linear(f"blk.{i}.attn_q.weight", f"{p}.self_attn.q_proj", n_head)
+        linear(f"blk.{i}.attn_k.weight", f"{p}.self_attn.k_proj", n_kv)
+        linear(f"blk.{i}.attn_v.weight", f"{p}.self_attn.v_proj")
+        linear(f"blk.{i}.attn_output.weight", f"{p}.self_attn.o_proj")
+        f32(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight)
+        linear(f"blk.{i}.ffn_gate.weight", f"{p}.mlp.gate_proj")
+        linear(f"blk.{i}.ffn_up.weight", f"{p}.mlp.up_proj")
+        linear(f"blk.{i}.ffn_down.weight", f"{p}.mlp.down_proj")
+    f32("output_norm.weight", inner.norm.weight)
     head = model.lm_head
     tied = getattr(head, "weight", None) is not None and head.weight is inner.embed_tokens.weight
     if not tied:
-        add("output.weight", head)
+        linear("output.weight", "lm_head")
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -64,27 +64,18 @@ def register() -> bool:
             return False
 
         def _process_model_before_weight_loading(self, model, **kwargs) -> None:
-            from ..formats import ActSpec, FormatSpec, get_format
-            from ..nn import QuantLinear
+            from .checkpoint import install_quant_linears
 
-            for name, spec_d in self.quantization_config.layers.items():
-                spec = FormatSpec.from_dict(spec_d)
-                get_format(spec.format).validate(spec)
-                linear = model.get_submodule(name)
-                q = QuantLinear(linear.in_features, linear.out_features, spec, bias=linear.bias is not None,
-                                dtype=linear.weight.dtype, device=linear.weight.device, act=ActSpec.from_layer(spec_d))
-                model.set_submodule(name, q)
-            if "lm_head" in self.quantization_config.layers:
+            layers = self.quantization_config.layers
+            device = next(model.parameters()).device
+            install_quant_linears(model, layers, getattr(model.config, "_name_or_path", "") or "model", device)
+            if "lm_head" in layers:
                 model.config.tie_word_embeddings = False  # anybit unties a quantized head
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from ..formats import ActSpec
+            from .checkpoint import apply_qkv
 
-            qkv = self.quantization_config.qkv
-            if isinstance(qkv, dict):
-                from ..nn.attention import set_qkv
-
-                set_qkv(model, ActSpec.from_layer({"act": qkv}))
+            apply_qkv(model, self.quantization_config.to_dict())
             model.anybit_info = self.quantization_config.to_dict()
             return model
 

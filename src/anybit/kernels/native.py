@@ -284,9 +284,14 @@ def _dequantized_linear(x: torch.Tensor, module) -> torch.Tensor:
 Q8_MAX_ROWS = int(os.environ.get("ANYBIT_Q8_MAX_ROWS", "128"))
 
 
+def q8_rows() -> int:
+    """The most activation rows the int8 kernel takes (the other kernels' limit if larger)."""
+    return max(MAX_ROWS, Q8_MAX_ROWS)
+
+
 def _weight_only(x: torch.Tensor, module, pot: bool) -> torch.Tensor:
     """INT or PoT weights, float activations: the GEMV/GEMM kernel, or dequantize + BLAS."""
-    if _q8_usable(module) and not _too_many_rows(x, module.in_features, max(MAX_ROWS, Q8_MAX_ROWS)):
+    if _q8_usable(module) and not _too_many_rows(x, module.in_features, q8_rows()):
         return _int_q8(x, module)
     if _too_many_rows(x, module.in_features):
         return _dequantized_linear(x, module)
@@ -418,12 +423,18 @@ def _prep_bitplane(module):
             "wsum": padded.sum(-1).contiguous(), "bias": _bias(module)}
 
 
+def bitplane_supported(module) -> bool:
+    """The AND+popcount kernel needs quantized activations, per token or in the weights' groups."""
+    act = module.act
+    return act.enabled and act.group_size in (-1, _group(module.spec, module.in_features)[0])
+
+
 def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
     act = module.act
     spec = module.spec
     n, k = module.shape
     g, ng = _group(spec, k)
-    if not act.enabled or act.group_size not in (-1, g) or _too_many_rows(x, k, MAX_ROWS_BITPLANE):
+    if not bitplane_supported(module) or _too_many_rows(x, k, MAX_ROWS_BITPLANE):
         return reference.linear(x, module)
     d = _cached(module, _prep_bitplane)
     agroup = -1 if act.group_size == -1 else g
@@ -532,7 +543,7 @@ def lin_struct(item) -> LinStruct | None:
         d = _cached(item, _prep_bcq)
         return LinStruct(kind=1, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["planes"]), bits=spec.bits,
                          gsize=g, G=ng, Npad=d["npad"], alpha=_ptr(d["alpha"]), offset=_ptr(d["offset"]))
-    if spec.format == "bitplane" and act.enabled and act.group_size in (-1, g):
+    if spec.format == "bitplane" and bitplane_supported(item):
         d = _cached(item, _prep_bitplane)
         return LinStruct(kind=2, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["wplanes"]), bits=spec.bits,
                          gsize=g, G=ng, Npad=d["npad"], W=d["W"], wsigned=int(spec.sym), scales=_ptr(d["sw"]),

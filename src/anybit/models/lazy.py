@@ -54,14 +54,17 @@ class LazyWeights:
                               "the model folder is incomplete") from None
         return t.to(self.dtype)
 
-    def materialize(self, module: nn.Module, prefix: str) -> None:
+    def materialize(self, module: nn.Module, prefix: str, skip=None) -> None:
         """Replace every meta parameter of ``module`` (named ``prefix.<name>`` on disk) by its
-        tensor from the checkpoint; a shape that disagrees with the config is an error."""
+        tensor from the checkpoint, but those ``skip(full_name, param)`` keeps; a shape that
+        disagrees with the config, or NaN weights, are errors."""
         for mname, mod in module.named_modules():
             for pname, p in list(mod._parameters.items()):
                 if p is None or not p.is_meta:
                     continue
                 full = ".".join(x for x in (prefix, mname, pname) if x)
+                if skip is not None and skip(full, p):
+                    continue
                 t = self.get(full)
                 if tuple(t.shape) != tuple(p.shape):
                     raise AnybitError(f"{full} has shape {tuple(t.shape)} in the checkpoint but {tuple(p.shape)} in "
@@ -95,17 +98,11 @@ def load_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
     adapter = get_adapter(model)
     blocks = adapter.get_blocks(model)
     block_ids = {id(p) for b in blocks for p in b.parameters()}
-    # everything outside the blocks now (embeddings, final norm, head)
-    for mname, mod in model.named_modules():
-        for pname, p in list(mod._parameters.items()):
-            if p is None or not p.is_meta or id(p) in block_ids:
-                continue
-            full = ".".join(x for x in (mname, pname) if x)
-            if full == "lm_head.weight" and full not in weights.where and getattr(config, "tie_word_embeddings", False):
-                continue  # tied: restored below
-            t = weights.get(full)
-            mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
-    if getattr(config, "tie_word_embeddings", False):
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    # everything outside the blocks now (embeddings, final norm, head; a tied head is restored below)
+    weights.materialize(model, "", skip=lambda full, p: id(p) in block_ids
+                        or (tied and full == "lm_head.weight" and full not in weights.where))
+    if tied:
         model.tie_weights()
     from ..io.checkpoint import _rebuild_meta_buffers
 

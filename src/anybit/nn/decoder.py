@@ -16,12 +16,15 @@ the ``transformers`` path.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
 from ..formats.activation import fake_quantize
+from ..kernels import native
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -52,9 +55,25 @@ def unsupported(model: nn.Module, max_len: int) -> str | None:
     return None
 
 
-def _plan(modules):
-    from ..kernels import native
+class _Layer(NamedTuple):
+    """One decoder layer's parts, shared with the model (norm weights with their eps)."""
+    ln1: torch.Tensor
+    eps1: float
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    ln2: torch.Tensor
+    eps2: float
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+    q_norm: tuple[torch.Tensor, float] | None  # Qwen3
+    k_norm: tuple[torch.Tensor, float] | None
+    att: nn.Module
 
+
+def _plan(modules):
     if kernels.current() not in ("auto", "native"):
         return None
     return native.q8_plan(list(modules))
@@ -94,7 +113,7 @@ class StaticDecoder:
             att, mlp = layer.self_attn, layer.mlp
             qn = getattr(att, "q_norm", None)
             kn = getattr(att, "k_norm", None)
-            self.layers.append((
+            self.layers.append(_Layer(
                 layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
                 att.q_proj, att.k_proj, att.v_proj, att.o_proj,
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
@@ -105,7 +124,7 @@ class StaticDecoder:
             ))
         # fused int8-kernel calls for Q/K/V, gate/up and the single linears (decoding only)
         self.plans = [tuple(_plan(mods) if plans else None for mods in
-                            ((lay[2], lay[3], lay[4]), (lay[5],), (lay[8], lay[9]), (lay[10],)))
+                            ((lay.q_proj, lay.k_proj, lay.v_proj), (lay.o_proj,), (lay.gate, lay.up), (lay.down,)))
                       for lay in self.layers]
         self.head_plan = _plan((self.head,)) if plans else None
         shape = (len(self.layers), 1, self.n_kv, max_len, self.head_dim)
@@ -118,8 +137,6 @@ class StaticDecoder:
         """The layer table of the native decoding step (one token, the whole stack in one C
         call), or None where a layer needs the PyTorch path (float linears, a format without
         a batch-1 kernel, quantized Q/K/V, a dtype other than float32)."""
-        from ..kernels import native
-
         if native._load() is None or self.dtype != torch.float32:
             return None
 
@@ -133,19 +150,20 @@ class StaticDecoder:
         rows = []
         for i, lay in enumerate(self.layers):
             plans = self.plans[i]
-            spec = getattr(lay[13], "anybit_qkv", None)
+            spec = getattr(lay.att, "anybit_qkv", None)
             if spec is not None and spec.enabled:
                 return None
-            qkv, o = slots(plans[0], lay[2:5]), slots(plans[1], lay[5:6])
-            gu, down = slots(plans[2], lay[8:10]), slots(plans[3], lay[10:11])
+            qkv = slots(plans[0], (lay.q_proj, lay.k_proj, lay.v_proj))
+            o = slots(plans[1], (lay.o_proj,))
+            gu, down = slots(plans[2], (lay.gate, lay.up)), slots(plans[3], (lay.down,))
             if any(x is None for x in qkv + o + gu + down):
                 return None
-            qn, kn = lay[11], lay[12]
-            norms = [lay[0], lay[6], *(z[0] for z in (qn, kn) if z is not None)]
+            qn, kn = lay.q_norm, lay.k_norm
+            norms = [lay.ln1, lay.ln2, *(z[0] for z in (qn, kn) if z is not None)]
             if any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
                 return None
             row = native.LayerStruct(
-                ln1=lay[0].data_ptr(), eps1=lay[1], n_qkv=len(qkv), o=o[0], ln2=lay[6].data_ptr(), eps2=lay[7],
+                ln1=lay.ln1.data_ptr(), eps1=lay.eps1, n_qkv=len(qkv), o=o[0], ln2=lay.ln2.data_ptr(), eps2=lay.eps2,
                 n_gu=len(gu), down=down[0], qn=None if qn is None else qn[0].data_ptr(),
                 kn=None if kn is None else kn[0].data_ptr(), neps=(qn or kn or (None, 1e-6))[1],
                 kc=self.k_cache[i].data_ptr(), vc=self.v_cache[i].data_ptr())
@@ -156,7 +174,7 @@ class StaticDecoder:
             rows.append(row)
         table = (native.LayerStruct * len(rows))(*rows)
         d, hd = self.norm_w.shape[0], self.head_dim
-        ffn = self.layers[0][8].out_features
+        ffn = self.layers[0].gate.out_features
         x = torch.zeros(1, d)
         buf = torch.zeros(2 * d + (2 * self.n_heads + 2 * self.n_kv) * hd + 3 * ffn + self.max_len)
         return native._lib, table, ffn, x, buf
@@ -200,9 +218,7 @@ class StaticDecoder:
         mask = None
         if t > 1 and p0 > 0:
             mask = torch.ones(t, p1, dtype=torch.bool).tril(p0)
-        from ..kernels import native
-
-        small = t <= max(native.MAX_ROWS, native.Q8_MAX_ROWS)
+        small = t <= native.q8_rows()
         for i, (w1, e1, q_proj, k_proj, v_proj, o_proj, w2, e2, gate, up, down, qn, kn, att) in enumerate(self.layers):
             p_qkv, p_o, p_gu, p_down = self.plans[i] if small else (None,) * 4
             h = F.rms_norm(x, (x.shape[-1],), w1, e1)
@@ -240,7 +256,7 @@ class StaticDecoder:
         if not all_logits:
             x = x[:, -1:]
         x = F.rms_norm(x, (x.shape[-1],), self.norm_w, self.norm_eps)
-        if self.head_plan is not None and x.shape[1] <= max(native.MAX_ROWS, native.Q8_MAX_ROWS):
+        if self.head_plan is not None and x.shape[1] <= native.q8_rows():
             return self.head_plan(x.view(x.shape[1], -1)).view(1, x.shape[1], -1)
         return self.head(x)
 
