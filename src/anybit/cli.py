@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from .errors import AnybitError
@@ -32,6 +33,66 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="load anybit folders without checking their recorded sha256")
 
 
+def _method_flags() -> dict[str, str]:
+    """argparse dest -> option key of every method flag (methods/options.py ``flag``)."""
+    from .methods import METHODS
+
+    return {f"opt_{info.key}": info.key for m in METHODS.values() for info in m.options_cls.describe() if info.flag}
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per method option that declares one; a flag several methods share (--epochs)
+    is one argument whose help names them all."""
+    import typing
+
+    from .methods import METHODS
+
+    flags: dict[str, tuple] = {}
+    for name, m in METHODS.items():
+        for info in m.options_cls.describe():
+            if info.flag:
+                prev = flags.setdefault(info.flag, (info, [], []))
+                if prev[0].key != info.key:  # a programming error in a method's options
+                    raise RuntimeError(f"{info.flag} means {prev[0].key} and {info.key}")
+                prev[1].append(name)
+                if info.help not in prev[2]:
+                    prev[2].append(info.help)
+    for flag, (info, names, helps) in flags.items():
+        text = f"{'/'.join(names)}: " + " / ".join(helps)
+        if info.type is bool:
+            p.add_argument(flag, dest=f"opt_{info.key}", action="store_const", const=not info.default, default=None,
+                           help=text)
+            continue
+        default = info.default if not isinstance(info.default, tuple) else "/".join(map(str, info.default))
+        if default is not None:
+            text += f" (default {default})"
+        args = [a for a in typing.get_args(info.type) if a is not type(None)]
+        base = args[0] if args and typing.get_origin(info.type) is not tuple else info.type
+        p.add_argument(flag, dest=f"opt_{info.key}", default=None, help=text, metavar=info.key.upper(),
+                       type=base if base in (int, float) else str,
+                       choices=list(info.choices) if info.choices else None)
+
+
+def _method_options_epilog() -> str:
+    """Every method's options (``--option KEY=VALUE``; in compare ``method:KEY=VALUE``)."""
+    from .methods import METHODS
+
+    lines = ["method options (--option KEY=VALUE; compare: METHOD:KEY=VALUE; an unknown key is an error):"]
+    for name, m in METHODS.items():
+        infos = m.options_cls.describe()
+        if not infos:
+            lines.append(f"  {name}: none")
+            continue
+        parts = []
+        for i in infos:
+            d = i.default
+            d = ("/".join(map(str, d)) if isinstance(d, tuple) else "auto" if d is None
+                 else str(d).lower() if isinstance(d, bool) else d)
+            parts.append(f"{i.key}={d}" + (f" ({'|'.join(map(str, i.choices))})" if i.choices else ""))
+        lines += textwrap.wrap(", ".join(parts), 100, initial_indent=f"  {name}: ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -39,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"anybit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    q = sub.add_parser("quantize", help="quantize a model (and save it, or print ppl before/after)")
+    q = sub.add_parser("quantize", help="quantize a model (and save it, or print ppl before/after)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_method_options_epilog())
     q.add_argument("model", nargs="?", default=None, help="model folder, .gguf, or smollm2-135m (default) / stories260k")
     q.add_argument("--method", default="rtn")
     q.add_argument("--scheme", help="e.g. W4A16G128, W3A16, W6A6 (sets --wbits/--abits/--group-size)")
@@ -47,49 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--abits", type=int, default=None)
     q.add_argument("--group-size", type=int, default=None, help="-1 = per output channel (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
-    q.add_argument("--clip-search", action="store_true", help="RTN: search a range shrink per group")
     q.add_argument("--skip", action="append", default=[], help="regex of layers to keep in float (repeatable)")
     q.add_argument("--stream", action="store_true",
                    help="read one decoder block at a time from the safetensors shards (data-free methods: rtn); "
                         "peak memory about one float block plus the packed model")
     q.add_argument("--lm-head-bits", type=int, default=0,
                    help="also quantize the output head with RTN at this many bits (default 0: keep it float)")
-    q.add_argument("--damp-percent", type=float, default=None, help="GPTQ dampening (default 0.01)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
-    q.add_argument("--order", default=None, choices=["none", "act", "gar"],
-                   help="GPTQ: column order: natural (default), act-order, or group-aware reordering")
-    q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the float weight")
-    q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: quantize a block's linears together")
-    q.add_argument("--intermediate-bits", type=int, default=None, help="GPTQT: bit width of step 1 (default --wbits + 3, at most 8)")
-    q.add_argument("--scale-grid", default=None, help="GPTQT: comma-separated range factors to re-explore")
-    q.add_argument("--bcq-fit", default=None, choices=["greedy", "alternating"], help="bcq: fit from float")
-    q.add_argument("--steps", default=None, choices=["none", "init", "refine", "both"],
-                   help="PoTPTQ: scale init (step 1), refinement (step 2), both (default) or none")
-    q.add_argument("--no-zero-level", action="store_true",
-                   help="PoTPTQ: the plain PoT format without a zero level (format pot instead of potz)")
     q.add_argument("--act-group-size", type=int, default=None,
                    help="activations: -1 per token (default) or the weight group size (per token group)")
     q.add_argument("--act-sym", action="store_true", help="symmetric activations (default asymmetric)")
     q.add_argument("--bit-balance", action="store_true", help="ABQ-LLM bit balance at 1-2 bits (same as W2* in --scheme)")
-    q.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
-    q.add_argument("--no-let", action="store_true", help="ABQ-LLM: no learnable equivalent transformation")
-    q.add_argument("--no-lwc", action="store_true", help="ABQ-LLM: no learnable weight clipping")
-    q.add_argument("--no-dc", action="store_true", help="ABQ-LLM: no distribution correction")
-    q.add_argument("--no-qkv", action="store_true", help="ABQ-LLM: keep Q/K/V in float (default: quantized at --abits)")
-    q.add_argument("--a8-layers", type=int, default=None,
-                   help="FlexQ: how many of the most sensitive layers keep 8-bit activations (default: one per block)")
-    q.add_argument("--a8", default=None, metavar="REGEX",
-                   help="FlexQ: keep 8-bit activations in the layers matching REGEX (the official rule: down_proj) "
-                        "instead of the sensitivity ranking")
-    q.add_argument("--sensitivity-samples", type=int, default=None,
-                   help="FlexQ: calibration windows for the sensitivity ranking (default 4)")
-    q.add_argument("--sensitivity", default=None, choices=["block", "kl"],
-                   help="FlexQ: rank layers by the error added to their block's output (default) or by whole-model KL")
-    q.add_argument("--epochs", type=int, default=None,
-                   help="PoTPTQ / ABQ-LLM training epochs (PoTPTQ: 10 at 3 bits, 40 at 2; ABQ-LLM: 20, 40 at W2 and W8A8)")
-    q.add_argument("--lr", type=float, default=None, help="PoTPTQ: Adam learning rate for Γ (default 1e-3)")
-    q.add_argument("--batch", type=int, default=None, help="PoTPTQ / ABQ-LLM: windows per optimizer step (default 1)")
-    q.add_argument("--lambda", dest="lam", type=float, default=None, help="PoTPTQ: weight of (λ/2)‖Γ‖² (default 0.1)")
+    _add_method_flags(q)
     q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any method option (value parsed as JSON, else a string), e.g. --option kl=none; repeatable")
     q.add_argument("--resume-dir", default=None,
@@ -143,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="gptq", choices=["gptq", "gguf", "compressed-tensors"])
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--checkpoint-format", default="auto", choices=["auto", "gptq", "gptq_v2"],
+                   help="gptq target only: v1 (`gptq`: every GPTQ reader) or GPTQModel's `gptq_v2` (zero points "
+                        "stored as they are; the only asymmetric layout GPTQModel loads from other tools); "
+                        "auto: v1 if symmetric, else v2")
 
     b = sub.add_parser("bench", help="speed: kernels against F.linear, or a model end to end")
     bsub = b.add_subparsers(dest="what", required=True, parser_class=_Parser)
@@ -248,64 +282,10 @@ def _config_from_args(args):
     abits = args.abits if args.abits is not None else abits
     group = args.group_size if args.group_size is not None else group
     options: dict = {}
-    if args.clip_search:
-        options["clip_search"] = True
-    if args.damp_percent is not None:
-        if not 0 <= args.damp_percent < 1:
-            raise AnybitError(f"--damp-percent must be in [0, 1), got {args.damp_percent}")
-        options["damp_percent"] = args.damp_percent
-    if args.act_order:
-        options["act_order"] = True
-    if args.order:
-        options["order"] = args.order
-    if args.static_groups:
-        options["static_groups"] = True
-    if args.no_true_sequential:
-        options["true_sequential"] = False
-    if args.intermediate_bits is not None:
-        options["intermediate_bits"] = args.intermediate_bits
-    if args.scale_grid:
-        try:
-            options["scale_grid"] = [float(x) for x in args.scale_grid.split(",")]
-        except ValueError:
-            raise AnybitError(f"--scale-grid must be comma-separated numbers, got {args.scale_grid!r}") from None
-        if not options["scale_grid"] or min(options["scale_grid"]) <= 0:
-            raise AnybitError("--scale-grid factors must be positive")
-    if args.bcq_fit:
-        options["fit"] = args.bcq_fit
-    if args.steps:
-        options["steps"] = args.steps
-    if args.no_zero_level:
-        options["zero_level"] = False
-    if args.epochs is not None:
-        if args.epochs < 0:
-            raise AnybitError(f"--epochs must be >= 0, got {args.epochs}")
-        options["epochs"] = args.epochs
-    if args.lr is not None:
-        if not args.lr > 0:
-            raise AnybitError(f"--lr must be positive, got {args.lr}")
-        options["lr"] = args.lr
-    if args.lam is not None:
-        options["lambda"] = args.lam
-    if args.batch is not None:
-        if args.batch < 1:
-            raise AnybitError(f"--batch must be >= 1, got {args.batch}")
-        options["batch"] = args.batch
-    if args.alpha is not None:
-        options["alpha"] = args.alpha
-    for flag, key in (("no_let", "let"), ("no_lwc", "lwc"), ("no_dc", "dc"), ("no_qkv", "qkv")):
-        if getattr(args, flag):
-            options[key] = False
-    if args.a8_layers is not None:
-        options["a8_layers"] = args.a8_layers
-    if args.sensitivity_samples is not None:
-        if args.sensitivity_samples < 1:
-            raise AnybitError(f"--sensitivity-samples must be >= 1, got {args.sensitivity_samples}")
-        options["sensitivity_samples"] = args.sensitivity_samples
-    if args.sensitivity is not None:
-        options["sensitivity"] = args.sensitivity
-    if args.a8 is not None:
-        options["a8"] = args.a8
+    for dest, key in _method_flags().items():  # the generated method flags that were given
+        value = getattr(args, dest, None)
+        if value is not None:
+            options[key] = value
     for item in args.option:
         if "=" not in item:
             raise AnybitError(f"--option {item!r} must look like KEY=VALUE")
@@ -319,6 +299,9 @@ def _config_from_args(args):
                       lm_head_bits=args.lm_head_bits,
                       act_group_size=args.act_group_size if args.act_group_size is not None else -1)
     cfg.validate()
+    from .methods import get_method
+
+    get_method(cfg.method).options(cfg)  # unknown or malformed method options fail here, before any loading
     return cfg
 
 
@@ -729,8 +712,9 @@ def cmd_export(args) -> int:
         return 0
     from .io.gptq_layout import export_gptq
 
-    out = export_gptq(args.path, args.out, overwrite=args.overwrite)
-    print(f"anybit: wrote {out} (GPTQ layout)")
+    out = export_gptq(args.path, args.out, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format)
+    fmt = json.loads((Path(out) / "quantize_config.json").read_text())["checkpoint_format"]
+    print(f"anybit: wrote {out} (GPTQ layout, checkpoint_format {fmt})")
     return 0
 
 

@@ -60,9 +60,13 @@ def test_gptqt_end_to_end_tiny_and_validation():
 def test_scale_grid_option_forms():
     import pytest
     from anybit.errors import AnybitError
-    from anybit.methods.gptqt import parse_grid
-    assert parse_grid("0.9/0.95/1.0") == (0.9, 0.95, 1.0)
-    assert parse_grid([0.8, 1]) == (0.8, 1.0)
-    for bad in ("0.9/x", "", [0.0]):
+    from anybit.methods.gptqt import GPTQTOptions
+
+    def grid(v):
+        return GPTQTOptions.parse({"scale_grid": v}, "gptqt").scale_grid
+
+    assert grid("0.9/0.95/1.0") == (0.9, 0.95, 1.0) == grid("0.9,0.95,1.0")
+    assert grid([0.8, 1]) == (0.8, 1.0) and grid(1.0) == (1.0,)
+    for bad in ("0.9/x", "", [0.0], {"a": 1}):
         with pytest.raises(AnybitError):
-            parse_grid(bad)
+            grid(bad)

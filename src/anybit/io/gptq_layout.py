@@ -10,6 +10,12 @@ Packing is a little-endian bit stream into 32-bit words: value ``j`` occupies st
 ``[j·b, (j+1)·b)``, stream bit ``i`` is bit ``i % 32`` of word ``i // 32``. For 2, 4 and 8
 bits this is the familiar "32/b values per word"; for 3 bits it is GPTQ's layout where
 values 10 and 21 straddle word boundaries. Dequantization: ``w = scale · (q − (qzero+1))``.
+
+``checkpoint_format: gptq_v2`` (GPTQModel's own) stores the zero points as they are
+(``w = scale · (q − qzero)``). It is the only way to store an asymmetric grid that GPTQModel
+loads from a quantizer other than itself (it refuses ``sym: false`` in v1 unless its own
+``meta.quantizer`` wrote it), and it can hold zero point 0, which v1 cannot. ``auto`` writes
+v1 for symmetric grids (every GPTQ reader: vLLM, optimum, AutoGPTQ) and v2 for asymmetric.
 """
 
 from __future__ import annotations
@@ -40,20 +46,23 @@ def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _layer_tensors(packed: dict, spec: FormatSpec, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+CHECKPOINT_FORMATS = ("auto", "gptq", "gptq_v2")
+
+
+def _layer_tensors(packed: dict, spec: FormatSpec, shape: tuple[int, int], v2: bool) -> dict[str, torch.Tensor]:
     n, k = shape
     fmt = get_format("int")
     codes, scales, zeros = fmt.unpack(packed, spec, shape)
     g = k if spec.group_size == -1 else spec.group_size
-    zeros_m1 = zeros.to(torch.int64) - 1
-    if (zeros_m1 < 0).any():
+    stored = zeros.to(torch.int64) - (0 if v2 else 1)
+    if (stored < 0).any():
         raise AnybitError(
-            f"{int((zeros_m1 < 0).sum())} groups have zero point 0, which the GPTQ v1 layout cannot store "
-            "(it keeps zero-1); re-quantize with --sym"
+            f"{int((stored < 0).sum())} groups have zero point 0, which the GPTQ v1 layout cannot store "
+            "(it keeps zero-1); export with --checkpoint-format gptq_v2 (GPTQModel) or re-quantize with --sym"
         )
     return {
         "qweight": _pack_along_k(codes, spec.bits),
-        "qzeros": pack_words(zeros_m1.t().contiguous(), spec.bits),
+        "qzeros": pack_words(stored.t().contiguous(), spec.bits),
         "scales": scales.t().contiguous().to(torch.float16),
         "g_idx": (torch.arange(k, dtype=torch.int32) // g).to(torch.int32),
     }
@@ -64,9 +73,15 @@ def _pack_along_k(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_words(codes, bits).t().contiguous()
 
 
-def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the anybit INT checkpoint ``src`` in the GPTQ layout to ``out`` (atomically)."""
+def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+                checkpoint_format: str = "auto") -> Path:
+    """Write the anybit INT checkpoint ``src`` in the GPTQ layout to ``out`` (atomically).
+
+    ``checkpoint_format``: ``gptq`` (v1), ``gptq_v2`` or ``auto`` (v1 if symmetric, else v2).
+    """
     src, out = Path(src), Path(out)
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise AnybitError(f"checkpoint format {checkpoint_format!r} is not one of {', '.join(CHECKPOINT_FORMATS)}")
     if not src.is_dir():
         raise AnybitError(f"{src} does not exist or is not a folder; give a folder written by `anybit quantize`")
     config = read_quant_config(src)
@@ -82,6 +97,9 @@ def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     if any(d.get("abits", 16) != 16 for d in qc["layers"].values()):
         raise AnybitError("the GPTQ layout is for weight-only models; this one quantizes activations")
     spec = next(iter(specs.values()))
+    if checkpoint_format == "auto":
+        checkpoint_format = "gptq" if spec.sym else "gptq_v2"
+    v2 = checkpoint_format == "gptq_v2"
     if spec.bits not in (2, 3, 4, 8):
         raise AnybitError(f"the GPTQ layout supports 2, 3, 4 and 8 bits, not {spec.bits}")
     state = _read_weights(src)
@@ -98,7 +116,7 @@ def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
             raise AnybitError(f"layer {name} has shape {shape}; the GPTQ layout needs in_features divisible by 32 "
                               f"and out_features·bits divisible by 32")
         packed = {t: state[f"{name}.{t}"] for t in get_format("int").packed_layout(s, shape)}
-        for t, v in _layer_tensors(packed, s, shape).items():
+        for t, v in _layer_tensors(packed, s, shape, v2).items():
             tensors[f"{name}.{t}"] = v
         if f"{name}.bias" in state:
             tensors[f"{name}.bias"] = state[f"{name}.bias"].to(torch.float16)
@@ -106,7 +124,7 @@ def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         "bits": spec.bits, "group_size": spec.group_size, "desc_act": False, "sym": spec.sym,
         "true_sequential": bool(qc.get("options", {}).get("true_sequential", True)),
         "damp_percent": float(qc.get("options", {}).get("damp_percent", 0.01)), "static_groups": False,
-        "quant_method": "gptq", "checkpoint_format": "gptq", "model_name_or_path": None,
+        "quant_method": "gptq", "checkpoint_format": checkpoint_format, "model_name_or_path": None,
         "model_file_base_name": "model",
         "meta": {"quantizer": [f"anybit:{qc.get('method')}"]},
     }

@@ -42,6 +42,7 @@ error before and after training, and the clip factors, LET and Q/K scale ranges.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ from ..nn import QuantLinear
 from ..nn.attention import attention_modules, enable, set_qkv
 from .base import LayerReport, Method, MethodResult, relative_error
 from .blocktrain import epoch_order, freeze_except, keep_freed_memory, output_of, summary, train_autocast
+from .options import Options, opt
 from .sequential import BlockInputs, block_forward, run_sequential
 from .smoothing import Pair, absmax, fold_producer, input_range, pairs, smooth_scales, weight_absmax
 
@@ -361,32 +363,44 @@ def _qk_transform(adapter: Adapter, block: nn.Module) -> tuple[str, str, QKScale
     return qn, kn, QKScale(k.out_features // head_dim, head_dim, q.out_features // k.out_features, rope)
 
 
+@dataclass(frozen=True)
+class ABQOptions(Options):
+    let: bool = opt(True, "learnable equivalent transformation", flag="--no-let")
+    lwc: bool = opt(True, "learnable weight clipping", flag="--no-lwc")
+    dc: bool = opt(True, "distribution correction (rank-1 term on down_proj, first 3 and last 4 blocks)",
+                   flag="--no-dc")
+    qk: bool = opt(True, "the Q/K equivalent transform (qkt_smooth_scale; with let)")
+    qkv: bool = opt(True, "quantize Q/K/V inside attention at --abits", flag="--no-qkv")
+    epochs: int | None = opt(None, "training epochs (default 20; 40 at W2 and W8A8)", check=lambda v: v >= 0,
+                             must=">= 0", flag="--epochs")
+    batch: int = opt(1, "windows per AdamW step (the official scripts: 1)", check=lambda v: v >= 1, must=">= 1",
+                     flag="--batch")
+    lr_let: float = opt(5e-3, "learning rate of the LET and Q/K scales", check=lambda v: v > 0, must="positive")
+    lr_lwc: float = opt(1e-2, "learning rate of the clipping factors", check=lambda v: v > 0, must="positive")
+    lr_dc: float = opt(1e-2, "learning rate of the distribution correction", check=lambda v: v > 0,
+                       must="positive")
+    amp: bool = opt(True, "train under bfloat16 autocast (false: float32)")
+    loss: str = opt("official", "block loss: the official sum of MSE, cosine and KL terms, or OmniQuant's MSE",
+                    choices=LOSSES)
+    kl: str = opt("official", "attention-map KL term: the official form (numerically ~0), the maps' own KL, "
+                  "or none", choices=KLS)
+
+
 class ABQ(Method):
     name = "abq"
     needs_calibration = True
     supports_act = True
-
-    def validate(self, config: QuantConfig) -> None:
-        opts = config.options
-        if int(opts.get("epochs", 1)) < 0 or int(opts.get("batch", 1)) < 1:
-            raise AnybitError("--epochs must be >= 0 and --batch >= 1")
-        if opts.get("loss", "official") not in LOSSES:
-            raise AnybitError(f"abq loss must be one of {', '.join(LOSSES)}, got {opts['loss']!r}")
-        if opts.get("kl", "official") not in KLS:
-            raise AnybitError(f"abq kl must be one of {', '.join(KLS)}, got {opts['kl']!r}")
-        super().validate(config)
+    options_cls = ABQOptions
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
             run_key: str = "") -> MethodResult:
         keep_freed_memory()
-        opts = config.options
-        use_let, use_lwc, use_dc, use_qk = (bool(opts.get(k, True)) for k in ("let", "lwc", "dc", "qk"))
-        epochs = int(opts.get("epochs", default_epochs(config)))
-        lr_let, lr_lwc, lr_dc = (float(opts.get(k, d)) for k, d in (("lr_let", 5e-3), ("lr_lwc", 1e-2), ("lr_dc", 1e-2)))
-        batch = int(opts.get("batch", 1))
-        amp = bool(opts.get("amp", True))
-        loss_kind, kl_kind = str(opts.get("loss", "official")), str(opts.get("kl", "official"))
-        qkv = ActSpec(config.abits, -1, False) if config.abits < 16 and bool(opts.get("qkv", True)) else None
+        o = self.options(config)
+        use_let, use_lwc, use_dc, use_qk = o.let, o.lwc, o.dc, o.qk
+        epochs = o.epochs if o.epochs is not None else default_epochs(config)
+        lr_let, lr_lwc, lr_dc = o.lr_let, o.lr_lwc, o.lr_dc
+        batch, amp, loss_kind, kl_kind = o.batch, o.amp, o.loss, o.kl
+        qkv = ActSpec(config.abits, -1, False) if config.abits < 16 and o.qkv else None
         n_blocks = len(adapter.get_blocks(model))
         enable(model)  # attention through anybit's function: Q/K/V quantization and map capture
 

@@ -14,6 +14,7 @@ from ..config import QuantConfig
 from ..errors import AnybitError
 from ..formats import ActSpec, FormatSpec, get_format
 from ..models import Adapter
+from .options import Options
 
 
 @dataclass
@@ -44,6 +45,13 @@ class Method(ABC):
     weight_format: str = "int"
     # whether the method can quantize activations (abits < 16)
     supports_act: bool = False
+    # the method's knobs (a frozen dataclass, methods/options.py)
+    options_cls: type[Options] = Options
+
+    def options(self, config: QuantConfig) -> Options:
+        """``config.options`` as this method's typed options (defaults filled in); unknown
+        keys and malformed values raise :class:`anybit.AnybitError`."""
+        return self.options_cls.parse(config.options, self.name)
 
     def prepare(self, config: QuantConfig) -> QuantConfig:
         """The config with the method's fixed conventions applied (default: unchanged)."""
@@ -80,6 +88,7 @@ class Method(ABC):
 
     def validate(self, config: QuantConfig) -> None:
         """Raise :class:`anybit.AnybitError` for settings this method cannot honour."""
+        self.options(config)
         all_fields = [{"wbits": config.wbits, "abits": config.abits, "group_size": config.group_size, "sym": config.sym}]
         all_fields += [{**all_fields[0], **over} for over in config.overrides.values()]
         for fields in all_fields:

@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..config import QuantConfig
-from ..errors import AnybitError
 from ..models import Adapter
 from ..nn import QuantLinear
 from ..progress import bar
 from .base import Method, MethodResult, quantize_layers_data_free
+from .options import Options, opt
 from .sequential import block_forward, capture_inputs
 
 # tokens per window used for the ranking (bounds the float reference's log-probabilities in memory)
@@ -84,44 +84,59 @@ def block_sensitivity(model, adapter: Adapter, layers: dict, windows: torch.Tens
     return scores
 
 
+def _is_regex(v: str) -> bool:
+    try:
+        re.compile(v)
+    except re.error:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class FlexQOptions(Options):
+    a8_layers: int | None = opt(None, "how many of the most sensitive layers keep 8-bit activations "
+                                "(default: one per block)", check=lambda v: v >= 0, must=">= 0",
+                                flag="--a8-layers")
+    a8: str | None = opt(None, "keep 8-bit activations in the layers matching this regex (the official "
+                         "rule: down_proj) instead of the sensitivity ranking", check=_is_regex,
+                         must="a regex of layer names (e.g. down_proj)", flag="--a8")
+    sensitivity_samples: int = opt(4, "calibration windows for the sensitivity ranking", check=lambda v: v >= 1,
+                                   must=">= 1", flag="--sensitivity-samples")
+    sensitivity: str = opt("block", "rank layers by the error added to their block's output, or by whole-model KL",
+                           choices=("block", "kl"), flag="--sensitivity")
+    high_abits: int = opt(8, "the activation bits the chosen layers keep", check=lambda v: 2 <= v <= 8,
+                          must="between 2 and 8")
+
+
 class FlexQ(Method):
     name = "flexq"
     needs_calibration = True  # the sensitivity ranking only
     supports_act = True
+    options_cls = FlexQOptions
 
     def prepare(self, config: QuantConfig) -> QuantConfig:
         """FlexQ's fixed conventions: symmetric weights and activations, activation groups = weight groups."""
         return replace(config, sym=True, act_sym=True, act_group_size=config.group_size)
 
     def validate(self, config: QuantConfig) -> None:
-        if int(config.options.get("a8_layers", 0)) < 0:
-            raise AnybitError("--a8-layers must be >= 0")
-        if str(config.options.get("sensitivity", "block")) not in ("block", "kl"):
-            raise AnybitError("flexq sensitivity must be 'block' or 'kl'")
-        if "a8" in config.options:
-            try:
-                re.compile(str(config.options["a8"]))
-            except re.error as e:
-                raise AnybitError(f"flexq a8 must be a regex of layer names (e.g. down_proj): {e}") from None
         super().validate(self.prepare(config))
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
             run_key: str = "") -> MethodResult:
         config = self.prepare(config)
-        high = int(config.options.get("high_abits", 8))
-        nwin = int(config.options.get("sensitivity_samples", 4))
+        o = self.options(config)
+        high, nwin, metric = o.high_abits, o.sensitivity_samples, o.sensitivity
         windows = calibration[:nwin, :SENSITIVITY_SEQLEN]
-        metric = str(config.options.get("sensitivity", "block"))
-        ranked = "a8" not in config.options and config.abits < high
+        ranked = o.a8 is None and config.abits < high
         ref = _logprobs(model, windows) if metric == "kl" and ranked else None  # the float model's
         result = quantize_layers_data_free(self, model, adapter, config,
                                            lambda lin, spec: QuantLinear.from_linear(lin, spec), "flexq-w", progress)
         layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-        budget = int(config.options.get("a8_layers", len(adapter.get_blocks(model))))
+        budget = o.a8_layers if o.a8_layers is not None else len(adapter.get_blocks(model))
         low = {n: m.act for n, m in layers.items()}
         high_act = {n: replace(a, bits=high) for n, a in low.items()}
-        if "a8" in config.options and config.abits < high:  # the official rule: a fixed set of layers
-            rule = re.compile(str(config.options["a8"]))
+        if o.a8 is not None and config.abits < high:  # the official rule: a fixed set of layers
+            rule = re.compile(o.a8)
             keep = [n for n in layers if rule.search(n)]
             for n, m in layers.items():
                 m.act = high_act[n] if n in keep else low[n]

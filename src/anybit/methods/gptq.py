@@ -32,6 +32,7 @@ from ..formats import int as intfmt
 from ..models import Adapter
 from ..nn import QuantLinear
 from .base import LayerReport, Method, MethodResult
+from .options import Options, opt
 from .sequential import BlockInputs, run_sequential
 
 
@@ -191,31 +192,40 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
     return ((E @ H) * E).sum().item() / den if den > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class GPTQOptions(Options):
+    damp_percent: float = opt(DEFAULT_DAMP, "dampening: lambda = damp_percent * mean(diag H)",
+                              check=lambda v: 0 < v < 1, must="between 0 and 1", flag="--damp-percent")
+    order: str | None = opt(None, "column order: none (natural, the default), act (act-order) or gar "
+                            "(group-aware reordering)", choices=ORDERS, flag="--order")
+    act_order: bool = opt(False, "the same as order=act", flag="--act-order")
+    static_groups: bool = opt(False, "group parameters from the float weight (implied by act-order with groups)",
+                              flag="--static-groups")
+    true_sequential: bool = opt(True, "quantize a block's linears in GPTQ's sequential groups (q/k/v, o, "
+                                "gate/up, down), each on the inputs the quantized earlier ones give",
+                                flag="--no-true-sequential")
+    blocksize: int = opt(128, "columns per lazy batch update", check=lambda v: v >= 1, must=">= 1")
+    sym_rule: str = opt("absmax", "symmetric grid (with --sym): absmax, range (GPTQ's 2*absmax/(2^b-1)) or "
+                        "signed (ggml's Q4_0 rule)", choices=intfmt.SYM_RULES)
+
+
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
     supports_act = True  # GPTQ weights with dynamic activations (W4A8, ...)
+    options_cls = GPTQOptions
 
     def gptq_options(self, config: QuantConfig) -> dict:
-        opts = config.options
-        order = str(opts.get("order", "act" if opts.get("act_order") else DEFAULT_ORDER))
+        """The keyword arguments of :func:`gptq_quantize`."""
+        o = self.options(config)
+        order = o.order or ("act" if o.act_order else DEFAULT_ORDER)
         return {
-            "damp_percent": float(opts.get("damp_percent", DEFAULT_DAMP)),
+            "damp_percent": o.damp_percent,
             "order": order,
-            "static_groups": bool(opts.get("static_groups", False)) or (order == "act" and config.group_size != -1),
-            "blocksize": int(opts.get("blocksize", 128)),
-            "sym_rule": str(opts.get("sym_rule", "absmax")),
+            "static_groups": o.static_groups or (order == "act" and config.group_size != -1),
+            "blocksize": o.blocksize,
+            "sym_rule": o.sym_rule,
         }
-
-    def validate(self, config: QuantConfig) -> None:
-        opts = self.gptq_options(config)
-        if opts["order"] not in ORDERS:
-            raise AnybitError(f"gptq order must be one of {', '.join(ORDERS)}, got {opts['order']!r}")
-        if opts["sym_rule"] not in intfmt.SYM_RULES:
-            raise AnybitError(f"sym_rule must be one of {', '.join(intfmt.SYM_RULES)}, got {opts['sym_rule']!r}")
-        if not 0 < opts["damp_percent"] < 1:
-            raise AnybitError(f"--damp-percent must be between 0 and 1, got {opts['damp_percent']}")
-        super().validate(config)
 
     def quantize_layer(self, lin: nn.Module, H: torch.Tensor, spec: FormatSpec, config: QuantConfig
                        ) -> tuple[QuantLinear, float]:
@@ -227,7 +237,7 @@ class GPTQ(Method):
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
             run_key: str = "") -> MethodResult:
-        true_seq = bool(config.options.get("true_sequential", True))
+        true_seq = self.options(config).true_sequential
 
         def process(i: int, block: nn.Module, inputs: BlockInputs, forward) -> list[LayerReport]:
             groups = adapter.sequential if true_seq else (tuple(adapter.linear_names()),)

@@ -22,6 +22,8 @@ less at g128).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -31,28 +33,15 @@ from ..formats import FormatSpec, get_format
 from ..formats.bcq import _assign, _round_coefs, fit_alternating
 from ..formats.base import grouped
 from ..nn import QuantLinear
-from .gptq import GPTQ, gptq_quantize, output_error
-
+from .gptq import GPTQ, GPTQOptions, gptq_quantize, output_error
+from .options import opt
 
 
 def default_intermediate_bits(q: int) -> int:
     return min(8, q + 3)
+
+
 DEFAULT_SCALE_GRID = (0.80, 0.85, 0.90, 0.95, 1.00, 1.05, 1.10)
-
-
-def parse_grid(value) -> tuple[float, ...]:
-    """A list of factors, or one string of them separated by "/" (compare's option syntax)."""
-    if isinstance(value, str):
-        value = value.split("/")
-    elif isinstance(value, (int, float)):
-        value = [value]
-    try:
-        grid = tuple(float(x) for x in value)
-    except ValueError:
-        raise AnybitError(f"scale_grid must be numbers such as 0.9/0.95/1.0, got {value!r}") from None
-    if not grid or any(g <= 0 for g in grid):
-        raise AnybitError(f"scale_grid needs positive factors, got {value!r}")
-    return grid
 
 
 def to_bcq(w_int: torch.Tensor, spec: FormatSpec, col_weight: torch.Tensor | None, rounds: int = 15):
@@ -64,28 +53,42 @@ def to_bcq(w_int: torch.Tensor, spec: FormatSpec, col_weight: torch.Tensor | Non
     return b, alpha, offset
 
 
+@dataclass(frozen=True)
+class GPTQTOptions(GPTQOptions):
+    intermediate_bits: int | None = opt(None, "bit width of step 1 (default wbits + 3, at most 8)",
+                                        flag="--intermediate-bits")
+    scale_grid: tuple[float, ...] = opt(DEFAULT_SCALE_GRID, "range factors of step 1 to re-explore "
+                                        "(comma- or /-separated)", check=lambda g: len(g) > 0 and min(g) > 0,
+                                        must="positive factors such as 0.9/0.95/1.0", flag="--scale-grid")
+    offset16: bool = opt(False, "store the BCQ offset in float16 (format bcq16; 0.125 b/w less at g128)")
+    hessian_weighted_fit: bool = opt(True, "weight the BCQ fit's columns by diag(H)")
+    search_rounds: int = opt(3, "alternating rounds per candidate scale", check=lambda v: v >= 0, must=">= 0")
+    rounds: int = opt(15, "alternating rounds of the winner's refit", check=lambda v: v >= 0, must=">= 0")
+
+
 class GPTQT(GPTQ):
     name = "gptqt"
     weight_format = "bcq"
     supports_act = False
+    options_cls = GPTQTOptions
 
     def spec_from_fields(self, config: QuantConfig, fields: dict) -> FormatSpec:
         spec = super().spec_from_fields(config, fields)
-        fmt = "bcq16" if bool(config.options.get("offset16", False)) else "bcq"
+        fmt = "bcq16" if self.options(config).offset16 else "bcq"
         return FormatSpec(fmt, spec.bits, spec.group_size, spec.sym)
 
     def validate(self, config: QuantConfig) -> None:
-        h = int(config.options.get("intermediate_bits", default_intermediate_bits(config.wbits)))
+        o = self.options(config)
+        h = o.intermediate_bits or default_intermediate_bits(config.wbits)
         if not 1 <= config.wbits < h <= 8:
             raise AnybitError(f"gptqt needs --wbits below --intermediate-bits ({h}) and at most 8; got --wbits {config.wbits}")
-        parse_grid(config.options.get("scale_grid", DEFAULT_SCALE_GRID))
         super().validate(config)
 
     def quantize_layer(self, lin: nn.Module, H: torch.Tensor, spec: FormatSpec, config: QuantConfig):
-        opts = config.options
-        h = int(opts.get("intermediate_bits", default_intermediate_bits(spec.bits)))
-        grid = parse_grid(opts.get("scale_grid", DEFAULT_SCALE_GRID))
-        weighted = bool(opts.get("hessian_weighted_fit", True))
+        o = self.options(config)
+        h = o.intermediate_bits or default_intermediate_bits(spec.bits)
+        grid = o.scale_grid
+        weighted = o.hessian_weighted_fit
         W = lin.weight.data.float()
         ispec = FormatSpec("int", h, spec.group_size, config.sym)
         gopts = self.gptq_options(config)
@@ -93,8 +96,7 @@ class GPTQT(GPTQ):
         fmt = get_format(spec.format)
         # The search judges each candidate with a short fit (``search_rounds``); only the
         # winner gets the full alternating fit (``rounds``): the fits were ~70 % of the time.
-        search_rounds = int(opts.get("search_rounds", 3))
-        rounds = int(opts.get("rounds", 15))
+        search_rounds, rounds = o.search_rounds, o.rounds
 
         def bcq_of(w_int: torch.Tensor, n_rounds: int):
             b, alpha, offset = to_bcq(w_int, spec, col_weight, n_rounds)

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantConfig
-from ..errors import AnybitError
 from ..formats import FormatSpec, get_format
 from ..formats import pot
 from ..formats.base import grouped
@@ -46,6 +46,7 @@ from ..nn import QuantLinear
 from ..nn.attention import enable as enable_attention
 from .base import LayerReport, Method, MethodResult, quantize_layers_data_free, relative_error
 from .blocktrain import epoch_order, freeze_except, keep_freed_memory, output_of, train_autocast
+from .options import Options, opt
 from .sequential import BlockInputs, block_forward, run_sequential
 
 _DEBUG = bool(os.environ.get("ANYBIT_DEBUG"))
@@ -129,40 +130,51 @@ class PoTFakeLinear(nn.Module):
         return F.linear(x, self.fake_weight().to(x.dtype), self.bias)
 
 
+@dataclass(frozen=True)
+class PoTPTQOptions(Options):
+    steps: str = opt("both", "scale init (step 1), refinement (step 2), both or none", choices=STEPS,
+                     flag="--steps")
+    zero_level: bool = opt(True, "the potz format (exponent code 0 = 0); false: the plain pot format",
+                           flag="--no-zero-level")
+    base_scale: str = opt("pow", "step 1's base scale: max|w| / 2^(e_max-1) (pow) or / (2^e_max - 1) (range)",
+                          choices=("pow", "range"))
+    epochs: int | None = opt(None, "step 2 epochs over the calibration windows (default 10; 40 at 2 bits)",
+                             check=lambda v: v >= 0, must=">= 0", flag="--epochs")
+    lr: float = opt(1e-3, "step 2 Adam learning rate for Gamma", check=lambda v: v > 0, must="positive",
+                    flag="--lr")
+    lam: float = opt(0.1, "step 2 weight of (lambda/2)*||Gamma||^2", check=lambda v: v >= 0, must=">= 0",
+                     flag="--lambda", key="lambda")
+    batch: int = opt(1, "windows per Adam step (the paper: 1)", check=lambda v: v >= 1, must=">= 1",
+                     flag="--batch")
+    amp: bool = opt(True, "train under bfloat16 autocast (false: float32)")
+    guard: str = opt("end", "keep the trained scales only if the block error fell: at the end, the best "
+                     "epoch, or never check", choices=("end", "best", "none"))
+    straight_through: str = opt("scale", "gradient path of the rounding: through the scale or its log",
+                                choices=("scale", "log"))
+
+
 class PoTPTQ(Method):
     name = "potptq"
     weight_format = "pot"  # or "potz" with the zero level: spec_from_fields chooses
     needs_calibration = True  # step 2; steps "init"/"none" ignore the data
+    options_cls = PoTPTQOptions
 
     def spec_from_fields(self, config: QuantConfig, fields: dict) -> FormatSpec:
         spec = super().spec_from_fields(config, fields)
-        fmt = "potz" if config.options.get("zero_level", True) else "pot"
+        fmt = "potz" if self.options(config).zero_level else "pot"
         return FormatSpec(fmt, spec.bits, spec.group_size, spec.sym)
 
-    def validate(self, config: QuantConfig) -> None:
-        steps = config.options.get("steps", "both")
-        if steps not in STEPS:
-            raise AnybitError(f"--steps must be one of {', '.join(STEPS)}, got {steps!r}")
-        if not isinstance(config.options.get("zero_level", True), bool):
-            raise AnybitError(f"zero_level must be true or false, got {config.options['zero_level']!r}")
-        if config.options.get("straight_through", "scale") not in ("scale", "log"):
-            raise AnybitError("straight_through must be 'scale' or 'log'")
-        if config.options.get("guard", "end") not in ("end", "best", "none"):
-            raise AnybitError("guard must be 'end', 'best' or 'none'")
-        if int(config.options.get("epochs", 1)) < 0 or int(config.options.get("batch", 1)) < 1:
-            raise AnybitError("--epochs must be >= 0 and --batch >= 1")
-        super().validate(config)
-
     def initial_scales(self, w: torch.Tensor, spec: FormatSpec, config: QuantConfig) -> torch.Tensor:
-        steps = config.options.get("steps", "both")
-        rule = config.options.get("base_scale", "pow")
+        o = self.options(config)
+        steps, rule = o.steps, o.base_scale
         if steps in ("init", "both"):
             return pot.init_scales(w, spec, rule)
         return pot._clamp_scale(pot.base_scale(w, spec, rule)).to(pot.SCALE_DTYPE).float()
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
             run_key: str = "") -> MethodResult:
-        steps = config.options.get("steps", "both")
+        o = self.options(config)
+        steps = o.steps
         if steps in ("none", "init"):
             return quantize_layers_data_free(
                 self, model, adapter, config,
@@ -172,13 +184,9 @@ class PoTPTQ(Method):
                 f"potptq-{steps}", progress)
         keep_freed_memory()
         enable_attention(model)  # the training steps use anybit's causal attention (faster backward)
-        lr = float(config.options.get("lr", 1e-3))
-        lam = float(config.options.get("lambda", 0.1))
-        epochs = int(config.options.get("epochs", default_epochs(config.wbits)))
-        batch = int(config.options.get("batch", 1))  # one window per Adam step, as the paper (OmniQuant-style)
-        amp = bool(config.options.get("amp", True))
-        guard = str(config.options.get("guard", "end"))
-        straight_through = str(config.options.get("straight_through", "scale"))
+        lr, lam, batch, amp = o.lr, o.lam, o.batch, o.amp  # batch 1: one window per Adam step, as the paper
+        epochs = o.epochs if o.epochs is not None else default_epochs(config.wbits)
+        guard, straight_through = o.guard, o.straight_through
 
         def process(i: int, block: nn.Module, inputs: BlockInputs, forward):
             target = forward(block)

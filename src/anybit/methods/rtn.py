@@ -7,16 +7,18 @@ group's squared weight error (GPTQ's ``mse`` option, with the norm 2 of SPEC §3
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import QuantConfig
-from ..errors import AnybitError
 from ..formats import FormatSpec
 from ..formats.base import grouped
 from ..formats import int as intfmt
 from ..models import Adapter
 from ..nn import QuantLinear
 from .base import Method, MethodResult, quantize_layers_data_free
+from .options import Options, opt
 
 DEFAULT_GRID = 20
 DEFAULT_MAX_SHRINK = 0.2
@@ -41,18 +43,29 @@ def search_shrink(w: torch.Tensor, spec: FormatSpec, grid: int = DEFAULT_GRID,
     return best
 
 
+SYM_RULE_HELP = ("symmetric grid: absmax (absmax/(2^(b-1)-1), codes -(2^(b-1)-1)..2^(b-1)-1), range "
+                 "(GPTQ's 2*absmax/(2^b-1) around zero 2^(b-1)) or signed (ggml's Q4_0: the signed extreme "
+                 "maps to -2^(b-1))")
+
+
+@dataclass(frozen=True)
+class RTNOptions(Options):
+    clip_search: bool = opt(False, "search a range shrink per group (least squared weight error)",
+                            flag="--clip-search")
+    clip_grid: int = opt(DEFAULT_GRID, "clip_search steps: shrinks 1, 1-1/grid, ... down to 0.8",
+                         check=lambda v: v >= 1, must=">= 1")
+    sym_rule: str = opt("absmax", SYM_RULE_HELP, choices=intfmt.SYM_RULES)
+
+
 class RTN(Method):
     name = "rtn"
     supports_act = True  # weights RTN, activations dynamic per token (the W+A baseline)
+    options_cls = RTNOptions
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration=None, progress=True, run_dir=None,
             run_key="") -> MethodResult:
-        clip = bool(config.options.get("clip_search", False))
-        grid = int(config.options.get("clip_grid", DEFAULT_GRID))
-        # symmetric grids: absmax (default), range (GPTQ's) or signed (ggml's Q4_0 rule)
-        sym_rule = str(config.options.get("sym_rule", "absmax"))
-        if sym_rule not in intfmt.SYM_RULES:
-            raise AnybitError(f"sym_rule must be one of {', '.join(intfmt.SYM_RULES)}, got {sym_rule!r}")
+        o = self.options(config)
+        clip, grid, sym_rule = o.clip_search, o.clip_grid, o.sym_rule
 
         def quantize_layer(linear, spec):
             w = linear.weight.data.float()

@@ -12,30 +12,34 @@ The official code smooths the norm pairs only; ``linear_pairs`` is off by defaul
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import QuantConfig
-from ..errors import AnybitError
 from ..models import Adapter
 from ..nn import QuantLinear
 from .base import LayerReport, Method, MethodResult, relative_error
 from .sequential import run_sequential
+from .options import Options, opt
 from .smoothing import absmax, fold, input_range, pairs, smooth_scales, weight_absmax
+
+
+@dataclass(frozen=True)
+class SmoothQuantOptions(Options):
+    alpha: float = opt(0.5, "migration strength: s = max|X|^alpha / max|W|^(1-alpha)",
+                       check=lambda v: 0 <= v <= 1, must="in [0, 1]", flag="--alpha")
+    linear_pairs: bool = opt(False, "also smooth v_proj -> o_proj and up_proj -> down_proj (not only norm -> linears)")
 
 
 class SmoothQuant(Method):
     name = "smoothquant"
     needs_calibration = True
     supports_act = True
-
-    def validate(self, config: QuantConfig) -> None:
-        alpha = float(config.options.get("alpha", 0.5))
-        if not 0 <= alpha <= 1:
-            raise AnybitError(f"--alpha must be in [0, 1], got {alpha}")
-        super().validate(config)
+    options_cls = SmoothQuantOptions
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration, progress=True, run_dir=None,
             run_key: str = "") -> MethodResult:
-        alpha = float(config.options.get("alpha", 0.5))
-        linear_pairs = bool(config.options.get("linear_pairs", False))
+        o = self.options(config)
+        alpha, linear_pairs = o.alpha, o.linear_pairs
 
         def process(i, block, inputs, forward) -> list[LayerReport]:
             ps = pairs(adapter, block, linear_pairs)
