@@ -34,7 +34,7 @@ def test_uniform_grid_converts_exactly(bits, group, sym):
     codes = intfmt.encode(w, s, z, ispec)
     b, alpha, offset = bcq.from_int(codes, s, z, bits, group)
     spec = FormatSpec("bcq", bits, group)
-    packed = FMT.pack(b, alpha, offset, spec, tuple(w.shape))
+    packed = FMT.pack(FMT.Parts(bcq.signs_of(b, tuple(w.shape)), alpha, offset), spec, tuple(w.shape))
     assert torch.equal(packed["alpha"].float(), alpha)  # s/2·2^i is a float16 number
     got = FMT.dequantize(packed, spec, tuple(w.shape))
     assert torch.allclose(got, intfmt.decode(codes, s, z, ispec), rtol=1e-6, atol=1e-7)
@@ -45,10 +45,10 @@ def test_pack_round_trip_and_layout():
     spec = FormatSpec("bcq", 3, 8)
     packed = FMT.quantize(w, spec)
     assert packed["planes"].shape == (3, 5, 2) and packed["alpha"].shape == (5, 2, 3)
-    signs, alpha, offset = FMT.unpack(packed, spec, (5, 13))
-    b = signs.permute(1, 2, 0)  # [N, K, q]
-    b = torch.nn.functional.pad(b, (0, 0, 0, 3), value=1.0).reshape(5, 2, 8, 3)
-    again = FMT.pack(b, alpha, offset, spec, (5, 13))
+    parts = FMT.unpack(packed, spec, (5, 13))
+    again = FMT.pack(parts, spec, (5, 13))
+    b = torch.nn.functional.pad(parts.signs.permute(1, 2, 0), (0, 0, 0, 3), value=1.0).reshape(5, 2, 8, 3)
+    assert torch.equal(bcq.signs_of(b, (5, 13)), parts.signs)  # the fits' group-padded form
     for k in packed:
         assert torch.equal(packed[k], again[k])
 

@@ -1,5 +1,6 @@
 """The contract every registered weight format keeps, looped over the registry (a new format
-is tested by registering it): packed tensors as its layout says, deterministic, bits per
+is tested by registering it): packed tensors as its layout says, deterministic,
+``pack(unpack(p)) == p`` with its named parts, bits per
 weight as stored, error falling with bits, and a QuantLinear computing x·Ŵᵀ with the
 dequantized weight, on odd shapes and group sizes that do not divide K."""
 
@@ -41,6 +42,10 @@ def test_format_contract(name, bits, group, sym, shape):
         assert tuple(packed[k].shape) == tuple(shp) and packed[k].dtype == dtype, k
     again = fmt.quantize(w.clone(), spec)
     assert all(torch.equal(packed[k], again[k]) for k in packed)  # same input, same bytes
+    parts = fmt.unpack(packed, spec, shape)  # the one pack/unpack signature: pack(unpack(p)) == p
+    assert isinstance(parts, fmt.Parts) and fmt.Parts is not tuple
+    repacked = fmt.pack(parts, spec, shape)
+    assert set(repacked) == set(packed) and all(torch.equal(packed[k], repacked[k]) for k in packed)
     stored = sum(t.numel() * t.element_size() * 8 for t in packed.values())
     assert fmt.bits_per_weight(spec, shape) == pytest.approx(stored / (shape[0] * shape[1]))
     wq = fmt.dequantize(packed, spec, shape)

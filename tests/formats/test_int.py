@@ -73,7 +73,7 @@ def test_pack_unpack_round_trip():
     w = _w()
     packed = FMT.quantize(w, spec)
     codes, s, z = FMT.unpack(packed, spec, tuple(w.shape))
-    again = FMT.pack(codes, s, z, spec)
+    again = FMT.pack(FMT.Parts(codes, s, z), spec, tuple(w.shape))
     for k in packed:
         assert torch.equal(packed[k], again[k])
 

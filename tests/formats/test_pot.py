@@ -86,7 +86,7 @@ def test_grid_search_beats_base_scales_and_round_trips(fmt, bits, group):
         assert (pot.group_error(w, s, spec) <= pot.group_error(w, s0, spec) + 1e-9).all()
     packed = FMT.quantize(w, spec, grid=GRID)
     codes, scales = FMT.unpack(packed, spec, tuple(w.shape))
-    again = FMT.pack(codes, scales.float(), spec)
+    again = FMT.pack(FMT.Parts(codes, scales.float()), spec, tuple(w.shape))
     assert all(torch.equal(packed[k], again[k]) for k in packed)
     assert torch.equal(FMT.dequantize(packed, spec, tuple(w.shape)), pot.decode(codes, scales.float(), spec))
 

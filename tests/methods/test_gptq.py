@@ -42,7 +42,7 @@ def test_gptq_beats_rtn_on_output_error_ragged_groups():
         out_err = lambda Wq: ((X @ (W - Wq).t()) ** 2).mean().item()
         assert out_err(res.weight) < 0.9 * out_err(rtn), (bits, group)
         # the packed codes decode to exactly the weight GPTQ reported
-        packed = get_format("int").pack(res.codes, res.scales, res.zeros, spec)
+        packed = get_format("int").pack(get_format("int").Parts(res.codes, res.scales, res.zeros), spec, tuple(W.shape))
         assert torch.equal(get_format("int").dequantize(packed, spec, tuple(W.shape)), res.weight)
 
 
@@ -105,7 +105,7 @@ def test_gar_and_sym_rules_give_valid_packed_grids():
         for rule in ("absmax", "range"):
             spec = FormatSpec("int", 3, 32, True)
             res = gptq_quantize(W, H, spec, order=order, sym_rule=rule)
-            packed = get_format("int").pack(res.codes, res.scales, res.zeros, spec)
+            packed = get_format("int").pack(get_format("int").Parts(res.codes, res.scales, res.zeros), spec, tuple(W.shape))
             assert torch.equal(get_format("int").dequantize(packed, spec, tuple(W.shape)), res.weight)
             rtn = intfmt.fake_quantize(W, spec)
             out_err = lambda Wq: ((X @ (W - Wq).t()) ** 2).mean().item()

@@ -19,7 +19,10 @@ def test_conversion_of_a_q_bit_grid_is_lossless():
     spec = FormatSpec("bcq", 2, 32)
     b, alpha, offset = to_bcq(step1.weight, spec, torch.diag(H))
     fmt = get_format("bcq")
-    w = fmt.dequantize(fmt.pack(b, alpha, offset, spec, tuple(W.shape)), spec, tuple(W.shape))
+    from anybit.formats.bcq import signs_of
+
+    packed = fmt.pack(fmt.Parts(signs_of(b, tuple(W.shape)), alpha, offset), spec, tuple(W.shape))
+    w = fmt.dequantize(packed, spec, tuple(W.shape))
     assert torch.allclose(w, step1.weight, atol=2e-3 * step1.weight.abs().max())
 
 

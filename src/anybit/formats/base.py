@@ -103,6 +103,18 @@ class WeightFormat(ABC):
             raise AnybitError(f"{spec.levels} grid levels do not fit an asymmetric {spec.bits}-bit "
                               f"{spec.format} grid; bit balance needs an asymmetric integer format")
 
+    # the named parts a packed weight holds (a NamedTuple: codes, scales, ...), what
+    # :meth:`unpack` returns and :meth:`pack` takes, so that pack(unpack(p)) == p
+    Parts: type = tuple
+
+    @abstractmethod
+    def pack(self, parts: tuple, spec: FormatSpec, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The packed tensors (:meth:`packed_layout`) of ``parts`` (a :attr:`Parts`) of a ``shape`` weight."""
+
+    @abstractmethod
+    def unpack(self, packed: dict[str, torch.Tensor], spec: FormatSpec, shape: tuple[int, int]) -> tuple:
+        """The :attr:`Parts` of packed tensors (bit packing undone)."""
+
     @abstractmethod
     def quantize(self, w: torch.Tensor, spec: FormatSpec, **options) -> dict[str, torch.Tensor]:
         """Quantize ``w [N, K]`` and return its packed tensors."""

@@ -25,6 +25,7 @@ Fits:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -48,6 +49,12 @@ def _assign(wg: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor) -> torc
     levels, signs = _levels(alpha, offset)  # [N, G, L]
     best = (wg.unsqueeze(-1) - levels.unsqueeze(-2)).abs().argmin(-1)  # [N, G, g]
     return signs[best]
+
+
+def signs_of(b: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The fits' ``b [N, G, g, q]`` (±1, group-padded) as :class:`BCQParts` signs ``[q, N, K]``."""
+    n, k = shape
+    return b.reshape(n, -1, b.shape[-1])[:, :k].permute(2, 0, 1)
 
 
 def _round_coefs(alpha: torch.Tensor, offset: torch.Tensor, offset_dtype: torch.dtype = OFFSET_DTYPE
@@ -133,6 +140,12 @@ def from_int(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
     return b, alpha, offset
 
 
+class BCQParts(NamedTuple):
+    signs: torch.Tensor  # [q, N, K] ±1
+    alpha: torch.Tensor  # [N, G, q]
+    offset: torch.Tensor  # [N, G]
+
+
 class BCQFormat(WeightFormat):
     name = "bcq"
     min_bits = 1
@@ -148,19 +161,18 @@ class BCQFormat(WeightFormat):
             "offset": ((n, g), self.offset_dtype),
         }
 
-    def pack(self, b: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor, spec: FormatSpec,
-             shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """``b [N, G, g, q]`` (±1, group-padded) -> packed tensors."""
-        n, k = shape
-        bits01 = (b.reshape(n, -1, spec.bits)[:, :k] > 0).to(torch.uint8)  # [N, K, q]
-        planes = torch.stack([bitpack.pack(bits01[..., i], 1) for i in range(spec.bits)])
+    Parts = BCQParts
+
+    def pack(self, parts: BCQParts, spec: FormatSpec, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        signs, alpha, offset = parts
+        planes = torch.stack([bitpack.pack((signs[i] > 0).to(torch.uint8), 1) for i in range(spec.bits)])
         return {"planes": planes, "alpha": alpha.to(COEF_DTYPE), "offset": offset.to(self.offset_dtype)}
 
     def unpack(self, packed: dict[str, torch.Tensor], spec: FormatSpec, shape: tuple[int, int]):
         """-> ``(signs [q, N, K] ±1 float, alpha [N, G, q], offset [N, G])`` in float32."""
         n, k = shape
         signs = bitpack.unpack(packed["planes"], 1, k).float() * 2 - 1
-        return signs, packed["alpha"].float(), packed["offset"].float()
+        return BCQParts(signs, packed["alpha"].float(), packed["offset"].float())
 
     def quantize(self, w, spec, fit: str = "alternating", rounds: int = 15, col_weight=None):
         if fit == "greedy":
@@ -171,7 +183,7 @@ class BCQFormat(WeightFormat):
         # codes chosen for the float16 coefficients actually stored
         wg, mask = grouped(w.float(), spec.group_size)
         b = _assign(torch.where(mask, wg, 0), alpha, offset)
-        return self.pack(b, alpha, offset, spec, tuple(w.shape))
+        return self.pack(BCQParts(signs_of(b, tuple(w.shape)), alpha, offset), spec, tuple(w.shape))
 
     def dequantize(self, packed, spec, shape):
         n, k = shape

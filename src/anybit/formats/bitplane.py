@@ -44,8 +44,11 @@ class BitplaneFormat(WeightFormat):
             layout["qzeros"] = ((n, bitpack.packed_bytes(ng, spec.bits)), torch.uint8)
         return layout
 
-    def pack(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: FormatSpec) -> dict[str, torch.Tensor]:
+    Parts = intfmt.IntParts
+
+    def pack(self, parts: intfmt.IntParts, spec: FormatSpec, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
         """From INT-format codes (offset binary when symmetric), scales and zeros."""
+        codes, scales, zeros = parts
         stored = to_twos_complement(codes, spec.bits) if spec.sym else codes
         out = {"planes": bitpack.pack_planes(stored, spec.bits, spec.group_size),
                "scales": scales.to(intfmt.SCALE_DTYPE)}
@@ -59,13 +62,14 @@ class BitplaneFormat(WeightFormat):
         codes = bitpack.unpack_planes(packed["planes"], spec.bits, k, spec.group_size)
         scales = packed["scales"].float()
         if spec.sym:
-            return to_twos_complement(codes, spec.bits), scales, torch.full_like(scales, float(1 << (spec.bits - 1)))
-        return codes, scales, bitpack.unpack(packed["qzeros"], spec.bits, scales.shape[-1]).float()
+            return intfmt.IntParts(to_twos_complement(codes, spec.bits), scales,
+                                   torch.full_like(scales, float(1 << (spec.bits - 1))))
+        return intfmt.IntParts(codes, scales, bitpack.unpack(packed["qzeros"], spec.bits, scales.shape[-1]).float())
 
     def quantize(self, w, spec, shrink=1.0, scales=None, zeros=None):
         if scales is None:
             scales, zeros = intfmt.group_params(w, spec, shrink)
-        return self.pack(intfmt.encode(w, scales, zeros, spec), scales, zeros, spec)
+        return self.pack(intfmt.IntParts(intfmt.encode(w, scales, zeros, spec), scales, zeros), spec, tuple(w.shape))
 
     def dequantize(self, packed, spec, shape):
         return intfmt.decode(*self.unpack(packed, spec, shape), spec)

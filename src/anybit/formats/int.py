@@ -17,6 +17,8 @@ exactly the model that was evaluated. An asymmetric grid may use fewer than ``2^
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import bitpack
@@ -97,10 +99,17 @@ def fake_quantize(w: torch.Tensor, spec: FormatSpec, shrink: torch.Tensor | floa
     return decode(encode(w, s, z, spec), s, z, spec)
 
 
+class IntParts(NamedTuple):
+    codes: torch.Tensor  # [N, K] unsigned b-bit codes (offset binary when symmetric)
+    scales: torch.Tensor  # [N, G]
+    zeros: torch.Tensor  # [N, G] (2^(b-1) when symmetric)
+
+
 class IntFormat(WeightFormat):
     name = "int"
     min_bits = 2
     max_bits = 8
+    Parts = IntParts
 
     def packed_layout(self, spec: FormatSpec, shape: tuple[int, int]):
         n, k = shape
@@ -113,7 +122,8 @@ class IntFormat(WeightFormat):
             layout["qzeros"] = ((n, bitpack.packed_bytes(g, spec.bits)), torch.uint8)
         return layout
 
-    def pack(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: FormatSpec) -> dict[str, torch.Tensor]:
+    def pack(self, parts: IntParts, spec: FormatSpec, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        codes, scales, zeros = parts
         out = {"qweight": bitpack.pack(codes, spec.bits), "scales": scales.to(SCALE_DTYPE)}
         if not spec.sym:
             out["qzeros"] = bitpack.pack(zeros.to(torch.uint8), spec.bits)
@@ -127,13 +137,13 @@ class IntFormat(WeightFormat):
             zeros = torch.full_like(scales, float(1 << (spec.bits - 1)))
         else:
             zeros = bitpack.unpack(packed["qzeros"], spec.bits, scales.shape[-1]).float()
-        return codes, scales, zeros
+        return IntParts(codes, scales, zeros)
 
     def quantize(self, w, spec, shrink=1.0, scales=None, zeros=None, sym_rule: str = "absmax"):
         """Round to nearest on the group grid (given ``scales``/``zeros``, or min/max ones)."""
         if scales is None:
             scales, zeros = group_params(w, spec, shrink, sym_rule)
-        return self.pack(encode(w, scales, zeros, spec), scales, zeros, spec)
+        return self.pack(IntParts(encode(w, scales, zeros, spec), scales, zeros), spec, tuple(w.shape))
 
     def dequantize(self, packed, spec, shape):
         return decode(*self.unpack(packed, spec, shape), spec)

@@ -26,6 +26,8 @@ bit-identical to ``s·sign·2^e`` for normal results.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import bitpack
@@ -164,10 +166,16 @@ def init_scales(w: torch.Tensor, spec: FormatSpec, rule: str = "pow", grid=DEFAU
     return best
 
 
+class PoTParts(NamedTuple):
+    codes: torch.Tensor  # [N, K] sign + exponent codes
+    scales: torch.Tensor  # [N, G] float16, as stored (the exponent add works in its bits)
+
+
 class PoTFormat(WeightFormat):
     name = "pot"
     min_bits = 2
     max_bits = 4
+    Parts = PoTParts
 
     def packed_layout(self, spec: FormatSpec, shape: tuple[int, int]):
         n, k = shape
@@ -176,18 +184,19 @@ class PoTFormat(WeightFormat):
             "scales": ((n, num_groups(spec.group_size, k)), SCALE_DTYPE),
         }
 
-    def pack(self, codes: torch.Tensor, scales: torch.Tensor, spec: FormatSpec) -> dict[str, torch.Tensor]:
+    def pack(self, parts: PoTParts, spec: FormatSpec, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        codes, scales = parts
         return {"qweight": bitpack.pack(codes, spec.bits), "scales": _clamp_scale(scales.float()).to(SCALE_DTYPE)}
 
     def unpack(self, packed: dict[str, torch.Tensor], spec: FormatSpec, shape: tuple[int, int]):
-        return bitpack.unpack(packed["qweight"], spec.bits, shape[1]), packed["scales"]
+        return PoTParts(bitpack.unpack(packed["qweight"], spec.bits, shape[1]), packed["scales"])
 
     def quantize(self, w, spec, scales=None, rule: str = "pow", grid=DEFAULT_GRID):
         """PoT codes for given ``scales``, or for the step-1 grid-searched ones."""
         if scales is None:
             scales = init_scales(w, spec, rule, grid)
         scales = _clamp_scale(scales.float()).to(SCALE_DTYPE).float()
-        return self.pack(encode(w, scales, spec), scales, spec)
+        return self.pack(PoTParts(encode(w, scales, spec), scales), spec, tuple(w.shape))
 
     def dequantize(self, packed, spec, shape):
         codes, scales = self.unpack(packed, spec, shape)

@@ -320,7 +320,8 @@ class ABQLinear(nn.Module):
         if not self.spec.sym:  # the clipped minimum, s·z up to rounding, keeps its place on the grid
             z = torch.clamp(torch.round(z * s / s16), 0, self.spec.qmax)
         codes = intfmt.encode(w, s16, z, self.spec)
-        return get_format(self.spec.format).pack(codes, s16, z, self.spec), w, b
+        fmt = get_format(self.spec.format)
+        return fmt.pack(fmt.Parts(codes, s16, z), self.spec, tuple(w.shape)), w, b
 
 
 def kl_official(p_fp: torch.Tensor, p_q: torch.Tensor) -> torch.Tensor:

@@ -231,7 +231,8 @@ class GPTQ(Method):
                        ) -> tuple[QuantLinear, float]:
         """Quantize one linear layer given its input Hessian; returns the module and its error."""
         res = gptq_quantize(lin.weight.data, H, spec, **self.gptq_options(config))
-        packed = get_format(spec.format).pack(res.codes, res.scales, res.zeros, spec)
+        fmt = get_format(spec.format)
+        packed = fmt.pack(fmt.Parts(res.codes, res.scales, res.zeros), spec, tuple(lin.weight.shape))
         bias = lin.bias.data if lin.bias is not None else None
         return QuantLinear.from_packed(packed, spec, tuple(lin.weight.shape), bias), res.error
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import AnybitError
 from ..formats import FormatSpec, get_format
-from ..formats.bcq import _assign, _round_coefs, fit_alternating
+from ..formats.bcq import _assign, _round_coefs, fit_alternating, signs_of
 from ..formats.base import grouped
 from ..nn import QuantLinear
 from .gptq import GPTQ, GPTQOptions, gptq_quantize, output_error
@@ -100,7 +100,7 @@ class GPTQT(GPTQ):
 
         def bcq_of(w_int: torch.Tensor, n_rounds: int):
             b, alpha, offset = to_bcq(w_int, spec, col_weight, n_rounds)
-            packed = fmt.pack(b, alpha, offset, spec, tuple(W.shape))
+            packed = fmt.pack(fmt.Parts(signs_of(b, tuple(W.shape)), alpha, offset), spec, tuple(W.shape))
             return output_error(W, fmt.dequantize(packed, spec, tuple(W.shape)), H), packed
 
         best = None
