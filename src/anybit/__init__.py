@@ -18,6 +18,7 @@ from .config import QuantConfig, Scheme, parse_scheme
 from .errors import AnybitError
 from .eval import EvalResult, generate
 from .io import inspect, load, save
+from .job import Job
 from .models import load_model
 from .pipeline import quantize
 
@@ -46,5 +47,5 @@ def evaluate(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, m
     return perplexity(model, windows, dataset=text.name, reference=reference, progress=progress)
 
 
-__all__ = ["AnybitError", "EvalResult", "QuantConfig", "Scheme", "evaluate", "generate", "inspect", "load",
+__all__ = ["AnybitError", "EvalResult", "Job", "QuantConfig", "Scheme", "evaluate", "generate", "inspect", "load",
            "load_model", "parse_scheme", "quantize", "save", "__version__"]

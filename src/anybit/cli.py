@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -305,119 +304,31 @@ def _config_from_args(args):
     return cfg
 
 
-def _run_dir(args, model, config, calib) -> Path:
-    """The folder where a calibrated run saves its progress (see --resume-dir)."""
-    from .models.loader import cache_dir
-    from .pipeline import run_key
-
-    if args.resume_dir:
-        path = Path(args.resume_dir)
-    elif args.out:
-        out = Path(args.out)
-        path = out.with_name(f".{out.name}.partial")
-    else:
-        path = cache_dir() / "runs" / run_key(model, config, calib)
-    if args.no_resume:
-        shutil.rmtree(path, ignore_errors=True)
-    elif (path / "progress.json").is_file():
-        _log(f"anybit: resuming from {path} (--no-resume to start over)")
-    return path
-
-
 def cmd_quantize(args) -> int:
-    from . import quantize, save
-    from .data import calibration_windows, eval_windows, load_text
-    from .eval import perplexity
-    from .methods import get_method
-    from .models import DEFAULT_MODEL, load_model
-    from .pipeline import check_finite
-    from .progress import measure
+    from .job import Job
 
     config = _config_from_args(args)
-    method = get_method(config.method)
-    config = method.prepare(config)
-    method.validate(config)
-    model_name = args.model or DEFAULT_MODEL
     quick = args.out is None and args.eval is None
     eval_name = args.eval or ("wikitext2" if args.out is None else None)
-    max_windows = args.max_windows if args.max_windows is not None else (DEFAULT_QUICK_WINDOWS if quick else None)
-    eval_seqlen = args.eval_seqlen or args.seqlen
-    if args.out and os.path.exists(args.out) and not args.overwrite:
-        raise AnybitError(f"output folder {args.out} already exists; choose another --out or pass --overwrite")
-
-    if args.stream:
-        if method.needs_calibration:
-            raise AnybitError(f"--stream runs data-free methods (rtn); {config.method} needs every block's inputs, "
-                              "drop --stream")
-        if args.out is None:
-            raise AnybitError("--stream writes a quantized folder; give --out DIR")
-        if args.eval is None:
-            eval_name = None  # no float evaluation first: the float model is never whole in memory
-    with measure() as m_load:
-        if args.stream:
-            from .models.lazy import load_lazy
-            from .models.loader import BUILTIN, LoadedModel, _gguf_cache_folder, resolve_builtin
-
-            src = Path(resolve_builtin(model_name.lower()) if model_name.lower() in BUILTIN else model_name)
-            if src.suffix == ".gguf":  # GGUF sources stream from their converted float folder
-                src = _gguf_cache_folder(src)
-                if not (src / "config.json").is_file():
-                    raise AnybitError(f"{model_name} has no converted float folder yet; run `anybit eval {model_name}` "
-                                      "(or any command without --stream) once, then --stream")
-            lm = load_lazy(src)
-            lm = LoadedModel(lm.model, lm.tokenizer, model_name if model_name.lower() in BUILTIN else str(src))
-        else:
-            lm = load_model(model_name)
-    if not args.stream:
-        check_finite(lm.model)  # streaming checks each block as it is read
-    _log(f"anybit: loaded {lm.source} in {m_load.seconds:.1f} s")
-    report: dict = {"model": lm.source, "method": config.method, "scheme": config.scheme, "load_seconds": m_load.seconds}
-
-    windows = None
-    eval_text = None
-    if eval_name:
-        eval_text = load_text(eval_name, "test", fallback=args.eval is None)
-        windows = eval_windows(lm.tokenizer, eval_text, eval_seqlen, max_windows)
-    calib = None
-    if method.needs_calibration:
-        calib_text = load_text(args.calib, "train", fallback=args.calib == "c4")
-        if eval_text is not None and calib_text.identity == eval_text.identity:
-            raise AnybitError(f"calibration text {calib_text.description} is the evaluation text; calibrate on another source")
-        calib = calibration_windows(lm.tokenizer, calib_text, args.nsamples, args.seqlen, args.seed)
-        report["calibration"] = {"source": calib_text.description, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                 "seed": args.seed}
-        _log(f"anybit: calibration {calib_text.description}: {args.nsamples} x {args.seqlen} tokens, seed {args.seed}")
-
-    progress = os.environ.get("ANYBIT_QUIET") != "1"
-    run_dir = None
-    if method.needs_calibration:
-        run_dir = _run_dir(args, lm.model, config, calib)
-    if windows is not None and not args.stream:
-        before = perplexity(lm.model, windows, dataset=eval_text.name, progress=progress)
-        report["before"] = before.to_dict()
-        _log(f"anybit: before: {before.summary()}")
-    with measure() as m_q:
-        quantize(lm.model, config, calib, progress=progress, run_dir=run_dir)
-    report["quantize_seconds"] = m_q.seconds
-    report["quantize_peak_rss_mib"] = m_q.peak_rss_mib
-    _log(f"anybit: quantized ({config.method} {config.scheme}) in {m_q.seconds:.1f} s, peak RSS {m_q.peak_rss_mib:.0f} MiB")
-    if windows is not None:
-        after = perplexity(lm.model, windows, dataset=eval_text.name, progress=progress)
-        report["after"] = after.to_dict()
-        _log(f"anybit: after:  {after.summary()}")
-    lm.model.anybit_info["source"] = lm.source
-    if args.out:
-        out = save(lm.model, lm.tokenizer, args.out, overwrite=args.overwrite)
-        report["out"] = str(out)
-        _log(f"anybit: saved {out}")
-    if run_dir is not None:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    job = Job(model=args.model, config=config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+              evals=(eval_name,) if eval_name else (), eval_seqlen=args.eval_seqlen,
+              max_windows=args.max_windows if args.max_windows is not None else (DEFAULT_QUICK_WINDOWS if quick else None),
+              eval_before=eval_name is not None and not args.stream, eval_fallback=args.eval is None,
+              out=args.out, overwrite=args.overwrite, run_dir=args.resume_dir, resume_auto=True,
+              fresh=args.no_resume, stream=args.stream, progress=os.environ.get("ANYBIT_QUIET") != "1", log=_log)
+    if args.stream and args.eval is None:
+        job.evals = ()  # no float evaluation: the float model is never whole in memory
+    report = job.run()
+    for key in ("before", "after"):  # one dataset here: its result, not a dict of them
+        if key in report:
+            report[key] = next(iter(report[key].values()))
+    report.pop("size", None)
     if args.json:
         print(json.dumps(report))
-    elif windows is not None and "before" in report:
-        print(f"{eval_text.name} seqlen {eval_seqlen}, {windows.shape[0]} windows, {windows.numel()} tokens: "
-              f"ppl before {report['before']['ppl']:.4f}, after {report['after']['ppl']:.4f} "
-              f"({config.method} {config.scheme})")
+    elif "before" in report:
+        b, a = report["before"], report["after"]
+        print(f"{a['dataset']} seqlen {a['seqlen']}, {a['windows']} windows, {a['tokens']} tokens: "
+              f"ppl before {b['ppl']:.4f}, after {a['ppl']:.4f} ({config.method} {config.scheme})")
     return 0
 
 

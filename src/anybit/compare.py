@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import QuantConfig, parse_scheme
@@ -182,69 +182,36 @@ def _run_cell_subprocess(settings: GridSettings, cell: Cell, timeout: float | No
 
 
 def run_cell(settings: GridSettings, cell: Cell, run_dir: Path | None = None) -> dict:
-    """One cell, in this process: quantize (timed, peak memory), save (size on disk),
-    evaluate every dataset, KL against the float model."""
-    import shutil
-    import tempfile
+    """One cell, in this process, as one :class:`anybit.Job`: quantize (timed, peak memory),
+    size on disk, perplexity on every dataset, KL against the float model."""
+    from .job import Job
 
-    from . import quantize, save
-    from .data import calibration_windows, eval_windows, load_text
-    from .eval import perplexity
-    from .io import inspect
-    from .methods import get_method
-    from .models import load_model
-    from .progress import measure
-
-    lm = load_model(settings.model)
-    cfg = cell.config()
+    rep = Job(model=settings.model, config=cell.config(), calib=settings.calib, nsamples=settings.nsamples,
+              seqlen=settings.seqlen, evals=tuple(settings.evals), eval_seqlen=settings.eval_seqlen,
+              max_windows=settings.max_windows, kl_windows=settings.kl_windows, measure_size=True,
+              run_dir=run_dir).run()
     row: dict = {"status": "ok"}
-    if cfg is not None:
-        calib = None
-        if get_method(cfg.method).needs_calibration:
-            ctext = load_text(settings.calib, "train")
-            calib = calibration_windows(lm.tokenizer, ctext, settings.nsamples, settings.seqlen, settings.seed)
-            row["calibration"] = f"{ctext.description}, {settings.nsamples} x {settings.seqlen}, seed {settings.seed}"
-        with measure() as m:
-            quantize(lm.model, cfg, calib, progress=True,
-                     run_dir=run_dir if run_dir is not None and get_method(cfg.method).needs_calibration else None)
-        row.update(quantize_s=round(m.seconds, 2), quantize_cpu_s=round(m.cpu_seconds, 1),
-                   peak_rss_mib=round(m.peak_rss_mib))
-        info = getattr(lm.model, "anybit_info", {})
-        if info.get("resumed_after_s") is not None:  # a resumed run: its earlier time counts too; peak RSS is this process's
-            row.update(quantize_s=round(m.seconds + info["resumed_after_s"], 2),
-                       quantize_cpu_s=round(m.cpu_seconds + info.get("resumed_after_cpu_s", 0.0), 1), resumed=True)
-        if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        blocks = getattr(lm.model, "anybit_info", {}).get("blocks")
-        if blocks:  # per-block training statistics (PoTPTQ, ABQ-LLM)
-            row["blocks"] = blocks
-        sens = getattr(lm.model, "anybit_info", {}).get("sensitivity")
-        if sens:  # what the method chose (FlexQ's A8 layers), for the report's readers
-            row["a8_layers"] = sens.get("a8_layers")
-        tmp = Path(tempfile.mkdtemp(prefix="anybit-cell-"))
-        try:
-            save(lm.model, lm.tokenizer, tmp / "q")
-            info = inspect(tmp / "q")
-            row.update(bits_per_weight=info["bits_per_weight"], size_mib=round(info["size_on_disk_bytes"] / 2**20, 2))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if "method" in rep:
+        if "calibration" in rep:
+            c = rep["calibration"]
+            row["calibration"] = f"{c['source']}, {c['nsamples']} x {c['seqlen']}, seed {c['seed']}"
+        row.update(quantize_s=round(rep["quantize_seconds"], 2), quantize_cpu_s=round(rep["quantize_cpu_seconds"], 1),
+                   peak_rss_mib=round(rep["quantize_peak_rss_mib"]))
+        if rep.get("resumed"):
+            row["resumed"] = True
+        if rep.get("blocks"):  # per-block training statistics (PoTPTQ, ABQ-LLM)
+            row["blocks"] = rep["blocks"]
+        if rep.get("sensitivity"):  # what the method chose (FlexQ's A8 layers), for the report's readers
+            row["a8_layers"] = rep["sensitivity"].get("a8_layers")
+        row.update(bits_per_weight=rep["size"]["bits_per_weight"],
+                   size_mib=round(rep["size"]["size_on_disk_bytes"] / 2**20, 2))
     else:
         row.update(bits_per_weight=32.0, quantize_s=0.0)
-    row["ppl"], row["eval"] = {}, {}
-    for i, name in enumerate(settings.evals):
-        text = load_text(name, "test")
-        windows = eval_windows(lm.tokenizer, text, settings.eval_seqlen, settings.max_windows)
-        ref = None
-        if i == 0 and cfg is not None and settings.kl_windows > 0:
-            ref = load_model(settings.model).model
-            kl_res = perplexity(lm.model, windows[: settings.kl_windows], dataset=text.name, reference=ref,
-                                progress=False)
-            row["kl"] = kl_res.kl
-            row["kl_tokens"] = kl_res.tokens
-            del ref
-        res = perplexity(lm.model, windows, dataset=text.name, progress=False)
-        row["ppl"][text.name] = res.ppl
-        row["eval"][text.name] = {"seqlen": res.seqlen, "windows": res.windows, "tokens": res.tokens}
+    after = rep.get("after", {})
+    row["ppl"] = {name: r["ppl"] for name, r in after.items()}
+    row["eval"] = {name: {k: r[k] for k in ("seqlen", "windows", "tokens")} for name, r in after.items()}
+    if "kl" in rep:
+        row["kl"], row["kl_tokens"] = rep["kl"], rep["kl_tokens"]
     return row
 
 
