@@ -1,9 +1,12 @@
-"""Kernel dispatch: ``(backend, format) -> linear function``.
+"""Kernel dispatch: ``(backend, format) -> linear function``, asked per call.
 
-The reference backend handles every format. Fast backends register functions for the
-formats they implement; a format a backend lacks falls back to the reference. The
-backend is chosen by ``ANYBIT_KERNEL`` (default ``auto``: the fastest registered, i.e.
-``native`` when the extension is built) or :func:`use` / ``--kernel``.
+The reference backend handles every format, input dtype and device. A fast backend
+registers, per format, its function and a ``supports(x, module)`` predicate (the device,
+the input, the module's activation scheme, group size, rows); the dispatch takes the first
+backend in preference order whose predicate accepts the call, so a CUDA tensor, a layer
+with quantized activations on an INT-only kernel, or an unsupported group never reaches
+code that cannot run it. The preference is ``ANYBIT_KERNEL`` (default ``auto``: the
+fastest registered, i.e. ``native`` when the extension is built), :func:`use` or ``--kernel``.
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ from ..errors import AnybitError
 from . import reference
 
 LinearFn = Callable[[torch.Tensor, "torch.nn.Module"], torch.Tensor]
+Supports = Callable[[torch.Tensor, "torch.nn.Module"], bool]
 
-# backend name -> format name -> function; "reference" covers every format via "*"
-_REGISTRY: dict[str, dict[str, LinearFn]] = {"reference": {"*": reference.linear}}
+# backend name -> format name -> (function, supports or None: everything); "reference"
+# covers every format via "*"
+_REGISTRY: dict[str, dict[str, tuple[LinearFn, Supports | None]]] = {"reference": {"*": (reference.linear, None)}}
 # preference order for "auto"
 _PRIORITY: list[str] = ["reference"]
 _current: str | None = None
 
 
-def register(backend: str, fmt: str, fn: LinearFn, priority: int = 0) -> None:
-    """Register ``fn`` as ``backend``'s kernel for weight format ``fmt``."""
-    _REGISTRY.setdefault(backend, {})[fmt] = fn
+def register(backend: str, fmt: str, fn: LinearFn, priority: int = 0, supports: Supports | None = None) -> None:
+    """Register ``fn`` as ``backend``'s kernel for weight format ``fmt``; ``supports(x, module)``
+    says whether it can run a given call (None: every call)."""
+    _REGISTRY.setdefault(backend, {})[fmt] = (fn, supports)
     if backend not in _PRIORITY:
         _PRIORITY.insert(priority, backend)
 
@@ -64,31 +70,27 @@ def set_backend(name: str) -> None:
     _current = name
 
 
-def resolve(fmt: str) -> LinearFn:
-    """The kernel the current backend uses for format ``fmt``."""
+def choose(x: torch.Tensor, module) -> tuple[str, LinearFn]:
+    """(backend name, function) that runs ``module`` on input ``x`` under the current preference."""
     name = current()
-    order = _PRIORITY if name == "auto" else [name]
-    for b in order:
+    for b in _PRIORITY if name == "auto" else [name]:
         fns = _REGISTRY[b]
-        if fmt in fns:
-            return fns[fmt]
-    return reference.linear
+        entry = fns.get(module.spec.format) or fns.get("*")
+        if entry is not None and (entry[1] is None or entry[1](x, module)):
+            return b, entry[0]
+    return "reference", reference.linear
 
 
 def linear(x: torch.Tensor, module) -> torch.Tensor:
-    fn = resolve(module.spec.format)
-    # the native kernels read CPU memory: tensors elsewhere (CUDA, meta) take the reference
-    if fn is not reference.linear and x.device.type != "cpu":
-        return reference.linear(x, module)
-    return fn(x, module)
+    return choose(x, module)[1](x, module)
 
 
 def _register_native() -> None:
     from . import native
 
     if native.available():
-        for fmt, fn in native.KERNELS.items():
-            register("native", fmt, fn, priority=0)
+        for fmt, (fn, supports) in native.KERNELS.items():
+            register("native", fmt, fn, priority=0, supports=supports)
 
 
 _register_native()

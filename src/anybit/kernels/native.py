@@ -446,7 +446,28 @@ def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
-KERNELS = {"int": int_linear, "pot": pot_linear, "potz": pot_linear, "bcq": bcq_linear, "bcq16": bcq_linear, "bitplane": bitplane_linear}
+def _on_cpu(x: torch.Tensor) -> bool:
+    """The C kernels read float CPU memory (any float dtype; _flat converts to float32)."""
+    return x.device.type == "cpu" and x.is_floating_point()
+
+
+def weight_only_supported(x: torch.Tensor, module) -> bool:
+    """INT / PoT kernels: float activations (quantized ones are the bit-plane format's job)."""
+    return _on_cpu(x) and not module.act.enabled
+
+
+def bcq_call_supported(x: torch.Tensor, module) -> bool:
+    return _on_cpu(x) and bcq_supported(module) and not _too_many_rows(x, module.in_features)
+
+
+def bitplane_call_supported(x: torch.Tensor, module) -> bool:
+    return _on_cpu(x) and bitplane_supported(module) and not _too_many_rows(x, module.in_features, MAX_ROWS_BITPLANE)
+
+
+# format -> (kernel, whether it runs a call); kernels/__init__.py asks the second first
+KERNELS = {"int": (int_linear, weight_only_supported), "pot": (pot_linear, weight_only_supported),
+           "potz": (pot_linear, weight_only_supported), "bcq": (bcq_linear, bcq_call_supported),
+           "bcq16": (bcq_linear, bcq_call_supported), "bitplane": (bitplane_linear, bitplane_call_supported)}
 
 
 # ------------------------------------------------------------------------ decoding plans
