@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -83,15 +84,45 @@ def gar_permutation(diag: torch.Tensor, g: int) -> torch.Tensor:
     return perm
 
 
+class Grid(Protocol):
+    """The number grid GPTQ rounds each column onto (Alg. 1's ``quant``), per group."""
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) ``[N, 1]`` of a group from its (error-updated) columns ``w [N, g]``."""
+
+    def round(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, values) ``[N]`` of column ``w [N]`` on the grid of ``scale``/``zero`` ``[N]``."""
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """The uniform INT grid of ``spec`` (formats/int.py): min/max (or symmetric, by ``sym_rule``)
+    group range scaled by ``shrink``, codes ``clamp(round(w/s) + z, 0, qmax)``."""
+
+    spec: FormatSpec
+    shrink: float = 1.0
+    sym_rule: str = "absmax"
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return intfmt.group_params(w, replace(self.spec, group_size=-1), self.shrink, self.sym_rule)
+
+    def round(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = torch.clamp(torch.round(w / scale) + zero, 0, self.spec.qmax)
+        return c, scale * (c - zero)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize: int = 128,
                   damp_percent: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  shrink: float = 1.0, order: str | None = None, sym_rule: str = "absmax") -> GPTQResult:
-    """Quantize ``W [N, K]`` with GPTQ given its Hessian ``H [K, K]`` on the INT grid of ``spec``.
+                  shrink: float = 1.0, order: str | None = None, sym_rule: str = "absmax",
+                  grid: Grid | None = None) -> GPTQResult:
+    """Quantize ``W [N, K]`` with GPTQ given its Hessian ``H [K, K]`` on ``grid`` (default
+    :class:`IntGrid` of ``spec`` with ``shrink`` and ``sym_rule``); ``spec`` gives the group size.
 
     ``shrink`` scales every group's min/max range before its grid is set (GPTQT's scale
     re-exploration searches it). ``order`` (``none``/``act``/``gar``; ``act_order=True``
     is ``act``) and ``sym_rule`` (:func:`anybit.formats.int.group_params`): see the module.
     """
+    grid = grid if grid is not None else IntGrid(spec, shrink, sym_rule)
     order = order or ("act" if act_order else "none")
     if order == "gar" and spec.group_size == -1:
         order = "none"  # one group per row: nothing to reorder within
@@ -111,9 +142,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
     zeros = torch.zeros(n, ng)
     if static_groups or spec.group_size == -1:
         for gi in range(ng):
-            s, z = intfmt.group_params(W[:, gi * g:(gi + 1) * g], replace(spec, group_size=-1),
-                                       shrink, sym_rule)
-            scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = s, z
+            scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = grid.params(W[:, gi * g:(gi + 1) * g])
     perm = None
     if order == "act":
         if spec.group_size != -1 and not static_groups:
@@ -138,7 +167,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
     # blocks hold whole groups, so that a group's parameters see its up-to-date columns
     if not static_groups and spec.group_size != -1:
         blocksize = g * max(1, blocksize // g)
-    maxq = spec.qmax
     Q = torch.zeros_like(W)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     for i1 in range(0, k, blocksize):
@@ -151,13 +179,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: FormatSpec, blocksize:
             col = i1 + i
             gi = int(col_group[col])
             if not static_groups and spec.group_size != -1 and col % g == 0:
-                s, z = intfmt.group_params(W1[:, i:i + g], replace(spec, group_size=-1), shrink, sym_rule)
-                scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = s, z
-            s, z = scales[:, gi], zeros[:, gi]
+                scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = grid.params(W1[:, i:i + g])
             w = W1[:, i]
             d = Hinv1[i, i]
-            c = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            q = s * (c - z)
+            c, q = grid.round(w, scales[:, gi], zeros[:, gi])
             codes[:, col] = c.to(torch.uint8)
             Q1[:, i] = q
             err1 = (w - q) / d

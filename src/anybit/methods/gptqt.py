@@ -33,7 +33,7 @@ from ..formats import FormatSpec, get_format
 from ..formats.bcq import _assign, _round_coefs, fit_alternating, signs_of
 from ..formats.base import grouped
 from ..nn import QuantLinear
-from .gptq import GPTQ, GPTQOptions, gptq_quantize, output_error
+from .gptq import GPTQ, GPTQOptions, IntGrid, gptq_quantize, output_error
 from .options import opt
 
 
@@ -105,7 +105,7 @@ class GPTQT(GPTQ):
 
         best = None
         for gamma in grid:
-            step1 = gptq_quantize(W, H, ispec, shrink=gamma, **gopts)
+            step1 = gptq_quantize(W, H, ispec, grid=IntGrid(ispec, gamma, gopts['sym_rule']), **gopts)
             err, packed = bcq_of(step1.weight, search_rounds)
             if best is None or err < best[0]:
                 best = (err, packed, step1.weight)
