@@ -21,6 +21,8 @@ from torch import nn
 
 from ..errors import AnybitError
 from ..formats import ActSpec, FormatSpec, get_format
+from ..models.state import rebuild_meta_buffers as _rebuild_meta_buffers
+from ..models.state import state_for_disk as _state_for_disk
 
 WEIGHTS = "model.safetensors"
 
@@ -41,21 +43,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def verify_enabled() -> bool:
     """Loads check the recorded sha256 unless ``ANYBIT_NO_VERIFY=1`` (``--no-verify``)."""
     return os.environ.get("ANYBIT_NO_VERIFY", "0") != "1"
-
-
-def _state_for_disk(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    # tied embeddings share storage; keep one copy, ties are restored at load
-    seen: dict[int, str] = {}
-    out = {}
-    for k, v in state.items():
-        ptr = v.untyped_storage().data_ptr() if v.numel() else None
-        if ptr is not None and ptr in seen and v.shape == state[seen[ptr]].shape:
-            continue
-        if ptr is not None:
-            seen[ptr] = k
-        out[k] = v.detach().contiguous()
-    return out
 
 
 def atomic_dir(out: Path, overwrite: bool) -> Path:
@@ -142,21 +129,6 @@ def _read_weights(path: Path, sha256: dict | None = None) -> dict[str, torch.Ten
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         raise AnybitError(f"{f} is corrupt ({msg}); re-run anybit quantize") from None
-
-
-def _rebuild_meta_buffers(model: nn.Module, config) -> None:
-    """Buffers computed at construction and not saved (rotary frequencies) are rebuilt off
-    the meta device."""
-    for mname, mod in list(model.named_modules()):
-        if any(b is not None and b.is_meta for b in mod._buffers.values()):
-            parent_name, _, child = mname.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            with torch.device("cpu"):
-                try:
-                    fresh = type(mod)(config=config)
-                except TypeError:
-                    raise AnybitError(f"cannot rebuild {mname} ({type(mod).__name__}) off the meta device") from None
-            setattr(parent, child, fresh)
 
 
 def install_quant_linears(model: nn.Module, layers: dict, where: str, device=None) -> None:
@@ -290,3 +262,13 @@ def inspect(path: str | os.PathLike) -> dict:
         "weights_file_bytes": f.stat().st_size,
         "layers": layers,
     }
+
+
+def _register() -> None:
+    # models/loader.py hands anybit folders to this module without importing it
+    from ..models.loader import register_folder_loader
+
+    register_folder_loader("anybit", load)
+
+
+_register()

@@ -104,9 +104,9 @@ def load_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
                         or (tied and full == "lm_head.weight" and full not in weights.where))
     if tied:
         model.tie_weights()
-    from ..io.checkpoint import _rebuild_meta_buffers
+    from .state import rebuild_meta_buffers
 
-    _rebuild_meta_buffers(model, config)  # rotary frequencies, computed at construction
+    rebuild_meta_buffers(model, config)  # rotary frequencies, computed at construction
     model.anybit_lazy = weights
     model.eval()
     return LoadedModel(model, tokenizer, str(folder))

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,16 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ANYBIT_CACHE", Path.home() / ".cache" / "anybit")).expanduser()
+
+
+# quant_method -> loader of such a folder, registered by the io layer (so that this module,
+# below io, does not import it)
+_FOLDER_LOADERS: dict[str, Callable] = {}
+
+
+def register_folder_loader(quant_method: str, fn: Callable) -> None:
+    """``load_model`` hands folders whose config.json has this ``quant_method`` to ``fn(path)``."""
+    _FOLDER_LOADERS[quant_method] = fn
 
 
 @contextlib.contextmanager
@@ -162,11 +173,11 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     try:
         from safetensors.torch import save_file
 
-        from ..io.checkpoint import _state_for_disk
+        from .state import state_for_disk
 
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".tmp-", dir=cached.parent))
-        save_file(_state_for_disk(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state_for_disk(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -196,10 +207,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
         config = _check_config(path / "config.json") if (path / "config.json").is_file() else None
         if config is None:
             raise AnybitError(f"{path} has no config.json; give a Hugging Face model folder or a .gguf file")
-        if config.get("quantization_config", {}).get("quant_method") == "anybit":
-            from ..io.checkpoint import load
-
-            model, tokenizer = load(path)
+        method = config.get("quantization_config", {}).get("quant_method")
+        if method in _FOLDER_LOADERS:  # a quantized folder (anybit's: io/checkpoint.py registers it)
+            model, tokenizer = _FOLDER_LOADERS[method](path)
             return LoadedModel(model, tokenizer, source)
         model, tokenizer = _load_hf_folder(path, dtype)
         return LoadedModel(model, tokenizer, source)
