@@ -30,7 +30,6 @@ import torch
 from ..formats import get_format
 from ..formats import int as intfmt
 from ..formats import pot as potfmt
-from . import reference
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
@@ -311,9 +310,10 @@ def _weight_only(x: torch.Tensor, module, pot: bool) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
+# The kernels below are reached only through kernels.linear, after their predicate in
+# KERNELS (bottom) has accepted the call: they do not check it again.
+
 def int_linear(x: torch.Tensor, module) -> torch.Tensor:
-    if module.act.enabled:  # INT weights with quantized activations are the bit-plane format's job
-        return reference.linear(x, module)
     return _weight_only(x, module, pot=False)
 
 
@@ -386,8 +386,6 @@ def bcq_supported(module) -> bool:
 
 
 def bcq_linear(x: torch.Tensor, module) -> torch.Tensor:
-    if not bcq_supported(module) or _too_many_rows(x, module.in_features):
-        return reference.linear(x, module)
     d = _cached(module, _prep_bcq)
     n, k = module.shape
     g, ng = _group(module.spec, k)
@@ -434,8 +432,6 @@ def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
     spec = module.spec
     n, k = module.shape
     g, ng = _group(spec, k)
-    if not bitplane_supported(module) or _too_many_rows(x, k, MAX_ROWS_BITPLANE):
-        return reference.linear(x, module)
     d = _cached(module, _prep_bitplane)
     agroup = -1 if act.group_size == -1 else g
     xf = _flat(x, k)
