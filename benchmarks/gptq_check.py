@@ -106,8 +106,8 @@ def main() -> None:
            "dequantized_float_ppl": same_dtype, "peers": []}
     del model, flt
     with tempfile.TemporaryDirectory() as tmp:
-        out = export_gptq(args.model_dir, Path(tmp) / "gptq", checkpoint_format=args.checkpoint_format)
-        res["checkpoint_format"] = json.loads((out / "quantize_config.json").read_text())["checkpoint_format"]
+        exp = export_gptq(args.model_dir, Path(tmp) / "gptq", checkpoint_format=args.checkpoint_format)
+        out, res["checkpoint_format"] = exp["out"], exp["checkpoint_format"]
         runs = [("gptqmodel", b, d) for b in args.backends.split(",") for d in args.dtypes.split(",")]
         if not args.no_transformers:
             runs += [("transformers", "from_pretrained", d) for d in args.dtypes.split(",")]

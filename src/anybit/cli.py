@@ -623,9 +623,8 @@ def cmd_export(args) -> int:
         return 0
     from .io.gptq_layout import export_gptq
 
-    out = export_gptq(args.path, args.out, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format)
-    fmt = json.loads((Path(out) / "quantize_config.json").read_text())["checkpoint_format"]
-    print(f"anybit: wrote {out} (GPTQ layout, checkpoint_format {fmt})")
+    res = export_gptq(args.path, args.out, overwrite=args.overwrite, checkpoint_format=args.checkpoint_format)
+    print(f"anybit: wrote {res['out']} (GPTQ layout, checkpoint_format {res['checkpoint_format']})")
     return 0
 
 

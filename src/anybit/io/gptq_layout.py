@@ -74,8 +74,9 @@ def _pack_along_k(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-                checkpoint_format: str = "auto") -> Path:
-    """Write the anybit INT checkpoint ``src`` in the GPTQ layout to ``out`` (atomically).
+                checkpoint_format: str = "auto") -> dict:
+    """Write the anybit INT checkpoint ``src`` in the GPTQ layout to ``out`` (atomically);
+    returns ``{"out": Path, "checkpoint_format": the one written}``.
 
     ``checkpoint_format``: ``gptq`` (v1), ``gptq_v2`` or ``auto`` (v1 if symmetric, else v2).
     """
@@ -133,8 +134,9 @@ def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         hf_config = {k: v for k, v in config.items() if k != "quantization_config"}
         if not hf_config.get("architectures"):  # folders saved before 2026-12-02 carry null (from GGUF)
-            arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM", "opt": "OPTForCausalLM"}.get(config.get("model_type"))
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
             if arch:
                 hf_config["architectures"] = [arch]
         hf_config["quantization_config"] = {k: v for k, v in gptq_cfg.items() if k != "meta"}
@@ -147,4 +149,4 @@ def export_gptq(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return {"out": out, "checkpoint_format": checkpoint_format}
