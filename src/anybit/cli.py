@@ -316,8 +316,6 @@ def cmd_quantize(args) -> int:
               eval_before=eval_name is not None and not args.stream, eval_fallback=args.eval is None,
               out=args.out, overwrite=args.overwrite, run_dir=args.resume_dir, resume_auto=True,
               fresh=args.no_resume, stream=args.stream, progress=os.environ.get("ANYBIT_QUIET") != "1", log=_log)
-    if args.stream and args.eval is None:
-        job.evals = ()  # no float evaluation: the float model is never whole in memory
     report = job.run()
     for key in ("before", "after"):  # one dataset here: its result, not a dict of them
         if key in report:
