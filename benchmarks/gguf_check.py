@@ -15,13 +15,10 @@ For an anybit folder whose linears sit on a ggml grid (INT4/5/8 at group 32):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 
 def main() -> None:
@@ -35,23 +32,15 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from anybit import bench
-    from anybit.data import eval_windows, load_text
-    from anybit.io import checkpoint
     from anybit.io.gguf_export import export_gguf, tensor_summary
     from anybit.models.loader import cache_dir, resolve_builtin
-    from anybit.peers import llama_cpp
+    from anybit.peers import check_setup, llama_cpp, write_result
 
     why = llama_cpp.unavailable()
     if why:
         raise SystemExit(why)
-    torch.set_num_threads(args.threads)
-    model, tok = checkpoint.load(args.model_dir)
-    info = model.anybit_info if hasattr(model, "anybit_info") else {}
-    windows = eval_windows(tok, load_text(args.dataset, "test"), args.seqlen, args.windows)
-    res = {"machine": bench.machine(), "date": datetime.date.today().isoformat(), "model_dir": args.model_dir,
-           "scheme": info.get("scheme"), "method": info.get("method"), "dataset": args.dataset,
-           "windows": int(windows.shape[0]), "seqlen": args.seqlen}
+    model, windows, res = check_setup(args.model_dir, args.dataset, args.seqlen, args.windows, args.threads)
+    info = getattr(model, "anybit_info", {})
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "export.gguf"
         t0 = time.perf_counter()
@@ -70,10 +59,7 @@ def main() -> None:
                                         "mib": peer.stat().st_size / 2**20,
                                         "ppl": llama_cpp.gguf_perplexity(peer, windows, args.threads),
                                         "f32_ppl": llama_cpp.gguf_perplexity(f32, windows, args.threads)}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_result(res, args.out)
 
 
 if __name__ == "__main__":

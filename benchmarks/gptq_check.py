@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import sys
 import tempfile
@@ -39,21 +38,6 @@ def _weights_vs(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], 
             "equal_after_rounding": equal, "dtype_eps": torch.finfo(dtype).eps}
 
 
-def _float_copy(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """anybit's model with each quantized linear replaced by a float ``nn.Linear`` of its
-    dequantized weight: the same function in any dtype, run by plain PyTorch."""
-    for name, w in weights.items():
-        parent, _, child = name.rpartition(".")
-        q = model.get_submodule(name)
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=q.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if q.bias is not None:
-                lin.bias.copy_(q.bias)
-        setattr(model.get_submodule(parent), child, lin)
-    return model
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir")
@@ -70,12 +54,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from anybit import bench
-    from anybit.data import eval_windows, load_text
     from anybit.eval import perplexity
-    from anybit.io import checkpoint
     from anybit.io.gptq_layout import export_gptq
     from anybit.nn import QuantLinear
+    from anybit.peers import check_setup, dequantized_float, first_line, write_result
     from anybit.peers import gptqmodel as peer
 
     why = peer.unavailable()
@@ -84,26 +66,20 @@ def main() -> None:
     import gptqmodel
     import transformers
 
-    torch.set_num_threads(args.threads)
-    model, tok = checkpoint.load(args.model_dir)
-    info = getattr(model, "anybit_info", {})
+    model, windows, res = check_setup(args.model_dir, args.dataset, args.seqlen, args.windows, args.threads)
     ours = {n: m.dequantize_weight() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    windows = eval_windows(tok, load_text(args.dataset, "test"), args.seqlen, args.windows)
     own = perplexity(model, windows, args.dataset, progress=False)
     own16 = perplexity(model, windows[:args.fp16_windows], args.dataset, progress=False)
     # the same dequantized weights as a float model in each dtype: what dtype rounding alone costs
-    flt = _float_copy(model, ours)
+    flt = dequantized_float(model)
     same_dtype = {}
     for d in args.dtypes.split(","):
         w = windows[:args.fp16_windows] if d == "float16" else windows
         same_dtype[d] = perplexity(copy.deepcopy(flt).to(getattr(torch, d)), w, args.dataset, progress=False).ppl
-    res = {"machine": bench.machine(), "date": datetime.date.today().isoformat(),
-           "command": " ".join([Path(sys.executable).name] + sys.argv), "model_dir": args.model_dir,
-           "scheme": info.get("scheme"), "method": info.get("method"), "dataset": args.dataset,
-           "windows": int(windows.shape[0]), "seqlen": args.seqlen, "gptqmodel": gptqmodel.__version__,
-           "transformers": transformers.__version__, "anybit_ppl": own.ppl,
-           "fp16_windows": args.fp16_windows, "anybit_ppl_fp16_windows": own16.ppl,
-           "dequantized_float_ppl": same_dtype, "peers": []}
+    res.update({"command": " ".join([Path(sys.executable).name] + sys.argv),
+                "gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__, "anybit_ppl": own.ppl,
+                "fp16_windows": args.fp16_windows, "anybit_ppl_fp16_windows": own16.ppl,
+                "dequantized_float_ppl": same_dtype, "peers": []})
     del model, flt
     with tempfile.TemporaryDirectory() as tmp:
         exp = export_gptq(args.model_dir, Path(tmp) / "gptq", checkpoint_format=args.checkpoint_format)
@@ -117,7 +93,7 @@ def main() -> None:
             try:
                 m = peer.load(out, backend, dtype) if loader == "gptqmodel" else peer.load_transformers(out, dtype)
             except Exception as e:  # the peer's own refusal, kept as its first line
-                row["refused"] = (str(e).strip().splitlines() or [repr(e)])[0][:300]
+                row["refused"] = first_line(e)
                 print(json.dumps(row), flush=True)
                 res["peers"].append(row)
                 continue
@@ -129,17 +105,14 @@ def main() -> None:
                 fp16 = dtype == "float16"
                 r = perplexity(m, windows[:args.fp16_windows] if fp16 else windows, args.dataset, progress=False)
             except Exception as e:  # loaded, but its kernel refuses to run these shapes
-                row["failed"] = (str(e).strip().splitlines() or [repr(e)])[0][:300]
+                row["failed"] = first_line(e)
             else:
                 row.update(windows=r.windows, ppl=r.ppl, ppl_vs_anybit=r.ppl / (own16 if fp16 else own).ppl - 1,
                            ppl_vs_same_dtype_float=r.ppl / same_dtype[dtype] - 1, eval_s=r.seconds)
             print(json.dumps(row), flush=True)
             res["peers"].append(row)
             del m
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_result(res, args.out)
 
 
 if __name__ == "__main__":

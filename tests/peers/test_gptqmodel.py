@@ -4,14 +4,13 @@ activation dtype's rounding, and the logits are those of anybit's dequantized mo
 the same dtype. Skipped where GPTQModel is not installed (it needs its own environment:
 README, "Peer checks")."""
 
-import copy
-
 import pytest
 import torch
 
 import anybit
 from anybit.cli import main
 from anybit.nn import QuantLinear
+from anybit.peers import dequantized_float
 from anybit.peers import gptqmodel as peer
 
 from conftest import tiny_model
@@ -35,17 +34,6 @@ def _quantized(tmp_path, sym: bool, bits: int = 4, group: int = 32):
     anybit.quantize(model, anybit.QuantConfig(wbits=bits, group_size=group, sym=sym), progress=False)
     src = anybit.save(model, _word_tokenizer(), tmp_path / "q")
     return model, src
-
-
-def _dequantized_float(model):
-    flt = copy.deepcopy(model)
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            parent, _, child = name.rpartition(".")
-            lin = torch.nn.Linear(m.in_features, m.out_features, bias=False)
-            lin.weight.data.copy_(m.dequantize_weight())
-            setattr(flt.get_submodule(parent), child, lin)
-    return flt
 
 
 # GPTQModel 7.7.0's TorchFused on the CPU (TorchFusedLinear.transform_cpu) replaces the zero
@@ -81,7 +69,7 @@ def test_gptqmodel_applies_anybit_weights(tmp_path, sym, backend, dtype, wdtype)
     ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = theirs(ids).logits.float()
-        ref = _dequantized_float(model).to(dt)(ids).logits.float()
+        ref = dequantized_float(model).to(dt)(ids).logits.float()
     assert (got - ref).norm() / ref.norm() < 3e-2
 
 
@@ -103,5 +91,5 @@ def test_transformers_from_pretrained_loads_the_export(tmp_path):
     ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = theirs(ids).logits.float()
-        ref = _dequantized_float(model).to(torch.bfloat16)(ids).logits.float()
+        ref = dequantized_float(model).to(torch.bfloat16)(ids).logits.float()
     assert (got - ref).norm() / ref.norm() < 3e-2
