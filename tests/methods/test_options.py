@@ -5,6 +5,7 @@ import pytest
 
 from anybit.cli import _config_from_args, _method_flags, build_parser
 from anybit.compare import Cell, check_cell
+from anybit.config import QuantConfig
 from anybit.errors import AnybitError
 from anybit.methods import METHODS
 from anybit.methods.options import Options
@@ -36,6 +37,10 @@ def test_coercion_and_checks():
                         ({"blocksize": True}, "must be an integer")]:
         with pytest.raises(AnybitError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             gptq.parse(raw, "gptq")
+    # order=none is the natural order, not "unset": act_order does not override it
+    assert gptq.parse({"order": "none", "act_order": True}, "gptq").order == "none"
+    cfg = QuantConfig(method="gptq", options={"order": "none", "act_order": True})
+    assert METHODS["gptq"].gptq_options(cfg)["order"] == "none"
     pot = METHODS["potptq"].options_cls.parse({"lambda": 0.5, "epochs": None}, "potptq")
     assert pot.lam == 0.5 and pot.epochs is None and pot.to_dict()["lambda"] == 0.5
     flex = METHODS["flexq"].options_cls

@@ -51,8 +51,9 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 def _coerce(value: Any, tp: Any, what: str) -> Any:
     """``value`` as type ``tp`` (bool, int, float, str, tuple[float, ...], or one of them | None)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if args and type(None) in args and origin is not tuple:  # X | None
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+    if args and type(None) in args and origin is not tuple:  # X | None: JSON null is None
+        # (the string "none" stays a string: it is a value of some options, e.g. order=none)
+        if value is None:
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), what)
     if tp is bool:
