@@ -66,3 +66,16 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kw):
     args.update(kw)
     cfg = AutoConfig.for_model(model_type, **args)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+# one small scheme per method (and the options that keep training short)
+METHOD_SCHEMES = {
+    "rtn": dict(wbits=4, group_size=32),
+    "gptq": dict(wbits=3, group_size=32),
+    "gptqt": dict(wbits=3, group_size=32),
+    "bcq": dict(wbits=3, group_size=32),
+    "potptq": dict(wbits=3, group_size=32, options={"epochs": 1}),
+    "smoothquant": dict(wbits=8, abits=8, group_size=-1),
+    "abq": dict(wbits=4, abits=8, group_size=-1, options={"epochs": 1}),
+    "flexq": dict(wbits=6, abits=6, group_size=32),
+}

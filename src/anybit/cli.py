@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
     q.add_argument("--skip", action="append", default=[], help="regex of layers to keep in float (repeatable)")
     q.add_argument("--stream", action="store_true",
-                   help="read one decoder block at a time from the safetensors shards (data-free methods: rtn); "
-                        "peak memory about one float block plus the packed model")
+                   help="models larger than memory: read one decoder block at a time from the safetensors shards "
+                        "and write each finished block to its own output shard (every method but flexq); peak "
+                        "memory about one float block plus embeddings, head and calibration activations")
     q.add_argument("--lm-head-bits", type=int, default=0,
                    help="also quantize the output head with RTN at this many bits (default 0: keep it float)")
     q.add_argument("--act-group-size", type=int, default=None,
@@ -629,7 +630,24 @@ def cmd_export(args) -> int:
 COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "report": cmd_report, "export": cmd_export, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}
 
 
+_SETTINGS_ENV = ("ANYBIT_DATA", "ANYBIT_QUIET", "ANYBIT_NO_VERIFY")  # what _setup writes
+
+
 def main(argv: list[str] | None = None) -> int:
+    # flags set environment variables for this command only: an in-process caller (tests,
+    # notebooks) must not inherit e.g. --no-verify in its next call
+    saved = {k: os.environ.get(k) for k in _SETTINGS_ENV}
+    try:
+        return _main(argv)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _setup(args)

@@ -29,6 +29,13 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def streaming_methods() -> list[str]:
+    """Methods that run with ``stream`` (one block of the model in memory at a time)."""
+    from .methods import METHODS
+
+    return [n for n, m in METHODS.items() if m.streams]
+
+
 @dataclass
 class Job:
     """One run: ``config`` None is the float model (evaluated only, as compare's FP row)."""
@@ -54,7 +61,7 @@ class Job:
     run_dir: str | Path | None = None
     resume_auto: bool = False
     fresh: bool = False  # discard a matching saved run
-    stream: bool = False  # read one block at a time from the shards (data-free methods)
+    stream: bool = False  # read one block at a time from the shards, write one shard per block
     progress: bool = True
     log: Callable[[str], None] = _stderr
 
@@ -72,9 +79,9 @@ class Job:
         if self.out and os.path.exists(self.out) and not self.overwrite:
             raise AnybitError(f"output folder {self.out} already exists; choose another --out or pass --overwrite")
         if self.stream:
-            if method.needs_calibration:
-                raise AnybitError(f"--stream runs data-free methods (rtn); {self.config.method} needs every block's "
-                                  "inputs, drop --stream")
+            if not method.streams:
+                raise AnybitError(f"--stream: {self.config.method} needs the whole model at once; drop --stream "
+                                  "(streaming methods: " + ", ".join(streaming_methods()) + ")")
             if self.out is None:
                 raise AnybitError("--stream writes a quantized folder; give --out DIR")
             if self.eval_before:
@@ -170,6 +177,8 @@ class Job:
         from .models import load_model
         from .progress import measure
 
+        from .models import get_adapter
+
         method = self.check()
         with measure() as m_load:
             lm = self.load()
@@ -188,8 +197,19 @@ class Job:
         run_dir = self.resume_dir(lm.model, calib) if method.needs_calibration else None
         if self.eval_before:
             self.evaluate(lm.model, sets, report, "before")
-        with measure() as m_q:
-            quantize(lm.model, self.config, calib, progress=self.progress, run_dir=run_dir)
+        sharded = None
+        if self.stream:  # each finished block goes to its shard and leaves memory
+            from .io.checkpoint import ShardedSave
+
+            sharded = ShardedSave(self.out, len(get_adapter(lm.model).get_blocks(lm.model)), overwrite=self.overwrite)
+            lm.model.anybit_lazy.sink = sharded.write_block
+        try:
+            with measure() as m_q:
+                quantize(lm.model, self.config, calib, progress=self.progress, run_dir=run_dir)
+        except BaseException:
+            if sharded is not None:
+                sharded.abort()
+            raise
         info = lm.model.anybit_info
         report.update(quantize_seconds=m_q.seconds, quantize_cpu_seconds=m_q.cpu_seconds,
                       quantize_peak_rss_mib=m_q.peak_rss_mib)
@@ -201,9 +221,19 @@ class Job:
                 report[key] = info[key]
         self.log(f"anybit: quantized ({self.config.method} {self.config.scheme}) in {m_q.seconds:.1f} s, "
                  f"peak RSS {m_q.peak_rss_mib:.0f} MiB")
-        self.evaluate(lm.model, sets, report, "after",
-                      kl_reference=(lambda: load_model(self.model).model) if not self.stream else None)
         info["source"] = lm.source
+        if sharded is not None:  # streamed: the blocks are on disk only; evaluate the saved model
+            out = sharded.finish(lm.model, lm.tokenizer)
+            report["out"] = str(out)
+            report["size"] = inspect(out)
+            self.log(f"anybit: saved {out}")
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if sets:
+                del lm
+                self.evaluate(load_model(str(out)).model, sets, report, "after")
+            return report
+        self.evaluate(lm.model, sets, report, "after", kl_reference=lambda: load_model(self.model).model)
         if self.out:
             out = save(lm.model, lm.tokenizer, self.out, overwrite=self.overwrite)
             report["out"] = str(out)

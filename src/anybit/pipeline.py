@@ -27,7 +27,12 @@ def run_key(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | N
     """Identifies a quantization run (model weights, config, calibration) for resuming."""
     from .methods.sequential import fingerprint
 
-    checksum = [float(p.detach().double().abs().sum()) for p in model.parameters()]
+    lazy = getattr(model, "anybit_lazy", None)
+    if lazy is not None:  # blocks still on disk: their files identify them
+        checksum = [lazy.fingerprint()] + [float(p.detach().double().abs().sum()) for p in model.parameters()
+                                          if not p.is_meta]
+    else:
+        checksum = [float(p.detach().double().abs().sum()) for p in model.parameters()]
     return fingerprint(config.to_dict(), model.config.to_dict(), checksum,
                        calibration if calibration is not None else "none")
 
@@ -51,7 +56,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
         raise AnybitError("this model is already quantized; start from the float model")
     if getattr(model, "anybit_lazy", None) is None:
         check_finite(model)
-    elif method.needs_calibration:
+    elif not method.streams:
         raise AnybitError(f"method {method.name} needs the whole model in memory; load it without streaming")
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()

@@ -10,19 +10,9 @@ import anybit
 from anybit.methods import METHODS
 from anybit.nn import QuantLinear
 
-from conftest import tiny_model
+from conftest import METHOD_SCHEMES, tiny_model
 
-# one small scheme per method (and the options that keep training short)
-SCHEMES = {
-    "rtn": dict(wbits=4, group_size=32),
-    "gptq": dict(wbits=3, group_size=32),
-    "gptqt": dict(wbits=3, group_size=32),
-    "bcq": dict(wbits=3, group_size=32),
-    "potptq": dict(wbits=3, group_size=32, options={"epochs": 1}),
-    "smoothquant": dict(wbits=8, abits=8, group_size=-1),
-    "abq": dict(wbits=4, abits=8, group_size=-1, options={"epochs": 1}),
-    "flexq": dict(wbits=6, abits=6, group_size=32),
-}
+SCHEMES = METHOD_SCHEMES
 
 
 def test_every_registered_method_is_covered():

@@ -405,7 +405,10 @@ def _prep_bitplane(module):
     planes = module.planes  # [b, N, G, 8W] bytes
     w = planes.shape[-1] // 8
     npad = -(-n // 8) * 8
-    words = planes.contiguous().view(torch.int64).reshape(spec.bits, n, ng, w)
+    planes = planes.contiguous()
+    if planes.storage_offset() % 8:  # a byte view into a memory-mapped file: realign before reading as words
+        planes = planes.clone()
+    words = planes.view(torch.int64).reshape(spec.bits, n, ng, w)
     words = _pad_rows(words, npad, 1)  # [b, Npad, G, W]
     # blocks of 8 rows: [Npad/8, G, b, W, 8]
     wplanes = words.reshape(spec.bits, npad // 8, 8, ng, w).permute(1, 3, 0, 4, 2).contiguous()

@@ -390,6 +390,7 @@ class ABQOptions(Options):
 class ABQ(Method):
     name = "abq"
     needs_calibration = True
+    streams = True  # one block at a time (models/lazy.py)
     supports_act = True
     options_cls = ABQOptions
 

@@ -39,6 +39,9 @@ class Method(ABC):
 
     name: str
     needs_calibration: bool = False
+    # runs on a model whose blocks are read from disk one at a time (models/lazy.py): the
+    # method touches one block at a time, through run_sequential or quantize_layers_data_free
+    streams: bool = False
     # the weight format this method produces (a method may choose per layer); an "int"
     # method whose layer also quantizes activations stores the same grid as "bitplane",
     # the layout of the WxAy GEMM
@@ -144,6 +147,8 @@ def quantize_layers_data_free(method: Method, model: nn.Module, adapter: Adapter
             block.set_submodule(lname, q)
             result.layers.append(LayerReport(full, spec, err))
             it.set_postfix(layer=lname.split(".")[-1], err=f"{err:.2e}", refresh=False)
+        if lazy is not None:
+            lazy.block_done(f"{adapter.blocks}.{i}", block)
     return result
 
 

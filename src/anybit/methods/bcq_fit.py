@@ -22,6 +22,7 @@ class BCQFit(Method):
     name = "bcq"
     weight_format = "bcq"
     options_cls = BCQOptions
+    streams = True  # one block at a time (models/lazy.py)
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration=None, progress=True, run_dir=None,
             run_key="") -> MethodResult:

@@ -237,6 +237,7 @@ class GPTQOptions(Options):
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
+    streams = True  # one block at a time (models/lazy.py)
     supports_act = True  # GPTQ weights with dynamic activations (W4A8, ...)
     options_cls = GPTQOptions
 

@@ -157,6 +157,7 @@ class PoTPTQ(Method):
     name = "potptq"
     weight_format = "pot"  # or "potz" with the zero level: spec_from_fields chooses
     needs_calibration = True  # step 2; steps "init"/"none" ignore the data
+    streams = True  # one block at a time (models/lazy.py)
     options_cls = PoTPTQOptions
 
     def spec_from_fields(self, config: QuantConfig, fields: dict) -> FormatSpec:

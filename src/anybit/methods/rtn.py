@@ -61,6 +61,7 @@ class RTN(Method):
     name = "rtn"
     supports_act = True  # weights RTN, activations dynamic per token (the W+A baseline)
     options_cls = RTNOptions
+    streams = True  # one block at a time (models/lazy.py)
 
     def run(self, model, adapter: Adapter, config: QuantConfig, calibration=None, progress=True, run_dir=None,
             run_key="") -> MethodResult:

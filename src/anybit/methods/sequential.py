@@ -11,7 +11,9 @@ PoTPTQ, ABQ-LLM, ...).
    result as an uninterrupted one.
 
 Activations stay on the CPU. When they would exceed ``ANYBIT_ACT_BUDGET_GIB`` (default
-4 GiB) they are kept in memory-mapped files inside the run folder instead of RAM.
+4 GiB) they are kept in memory-mapped files inside the run folder instead of RAM. On a
+streaming model (models/lazy.py) each block is read from disk when reached and, once its
+step is saved, handed to the model's sink and dropped.
 """
 
 from __future__ import annotations
@@ -276,11 +278,16 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
     inputs = capture_inputs(model, adapter, windows, run_dir if folder else None, batch)
     start = 0
     layers: dict = {}
+    lazy = getattr(model, "anybit_lazy", None)  # streaming: blocks are read from disk when reached
     if prog is not None:
         start = prog["done"]
         layers = prog["layers"]
         for i in range(start):
+            if lazy is not None:
+                lazy.materialize(blocks[i], f"{adapter.blocks}.{i}")
             _restore_block(blocks[i], f"{adapter.blocks}.{i}", layers, folder.load_block(i))
+            if lazy is not None:
+                lazy.block_done(f"{adapter.blocks}.{i}", blocks[i])
         result.layers = [LayerReport(r["name"], FormatSpec.from_dict(r["spec"]), r["error"]) for r in prog["reports"]]
         if prog.get("blocks"):
             result.extra["blocks"] = prog["blocks"]
@@ -304,6 +311,8 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
     c_start, cpu_before = cpu_seconds(), float(prog.get("cpu_s", 0.0)) if prog else 0.0
     for i in it:
         block = blocks[i]
+        if lazy is not None:
+            lazy.materialize(block, f"{adapter.blocks}.{i}")
         if fp_chain:  # the float block's outputs, before the method changes it
             block_forward(block, inputs.fp_hidden, inputs.kwargs, out=inputs.fp_out, batch=batch)
         reports = process_block(i, block, inputs, lambda b: block_forward(b, inputs.hidden, inputs.kwargs, batch=batch))
@@ -334,6 +343,8 @@ def run_sequential(model: nn.Module, adapter: Adapter, windows: torch.Tensor, pr
                 "elapsed_s": before + time.perf_counter() - t_start,
                 "cpu_s": cpu_before + cpu_seconds() - c_start},
                 fp_next=inputs.fp_hidden if fp_chain else None)
+        if lazy is not None:
+            lazy.block_done(f"{adapter.blocks}.{i}", block)
         if i == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     return result

@@ -33,6 +33,7 @@ class SmoothQuantOptions(Options):
 class SmoothQuant(Method):
     name = "smoothquant"
     needs_calibration = True
+    streams = True  # one block at a time (models/lazy.py)
     supports_act = True
     options_cls = SmoothQuantOptions
 

@@ -3,16 +3,20 @@
 ``load_lazy(folder)`` builds the model on the meta device and loads only the embeddings,
 the final norm and the head; each decoder block's tensors are read from the safetensors
 shards (``safe_open``, so a shard is mapped, not read whole) when the method reaches it,
-and its float linears are dropped once they are replaced by packed ones. Peak memory is
-then about one float block plus the packed model plus the embeddings, whatever the depth
-(measured in docs/streaming.md). Data-free methods only (RTN): calibrated
-methods need every block's inputs, which the in-memory path provides.
+and its float linears are dropped once they are replaced by packed ones. With a ``sink``
+(a streaming save, :class:`anybit.io.checkpoint.ShardedSave`), a finished block is written
+to its shard and leaves memory too (:meth:`LazyWeights.block_done`). Peak memory is then
+about one float block plus the calibration activations (spilled to disk beyond their
+budget) plus the embeddings and head, whatever the depth (measured in docs/streaming.md).
+Methods that need the whole model at once (FlexQ's sensitivity passes) do not stream.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,6 +43,33 @@ class LazyWeights:
                 self.where = {k: "model.safetensors" for k in st.keys()}
         else:
             raise AnybitError(f"{folder} has no safetensors weights; --stream reads model.safetensors (or its shards)")
+        # where finished blocks go (a streaming save); None keeps them in memory
+        self.sink: Callable[[str, nn.Module], None] | None = None
+
+    def fingerprint(self) -> str:
+        """Identifies the weights without reading them (resume keys): each shard's name, size,
+        modification time and safetensors header."""
+        h = hashlib.sha256()
+        for shard in sorted(set(self.where.values())):
+            f = self.folder / shard
+            st = f.stat()
+            h.update(f"{shard}:{st.st_size}:{st.st_mtime_ns}:{self.dtype}".encode())
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(n, 1 << 26)))
+        return h.hexdigest()
+
+    def block_done(self, prefix: str, block: nn.Module) -> None:
+        """A finished block: with a sink, written there and then dropped from memory (its
+        tensors move to the meta device, its kernel caches are deleted)."""
+        if self.sink is None:
+            return
+        self.sink(prefix, block)
+        block.to("meta")
+        for m in block.modules():
+            for attr in ("_native_cache", "_dequant_cache"):  # kernel layouts built on the packed tensors
+                if hasattr(m, attr):
+                    delattr(m, attr)
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open

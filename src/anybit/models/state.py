@@ -8,10 +8,13 @@ from torch import nn
 from ..errors import AnybitError
 
 
-def state_for_disk(model: nn.Module) -> dict[str, torch.Tensor]:
+def state_for_disk(model: nn.Module, skip_meta: bool = False) -> dict[str, torch.Tensor]:
     """``model``'s state dict, contiguous and detached, with tied tensors (shared storage,
-    same shape) kept once: the ties are restored at load."""
+    same shape) kept once: the ties are restored at load. ``skip_meta``: leave out tensors
+    on the meta device (blocks already written by a streaming save)."""
     state = model.state_dict()
+    if skip_meta:
+        state = {k: v for k, v in state.items() if not v.is_meta}
     seen: dict[int, str] = {}
     out = {}
     for k, v in state.items():

@@ -1,0 +1,195 @@
+"""Peak memory of quantization, streamed (one decoder block in memory at a time) and in
+memory, on Hugging Face model folders; with the memory formula of docs/streaming.md checked
+against every measured point and evaluated for LLaMA-7B/13B/70B shapes.
+
+    python benchmarks/synthetic_llama.py /tmp/syn4096x4 --layers 4
+    python benchmarks/synthetic_llama.py /tmp/syn4096 --layers 8
+    python benchmarks/streaming_memory.py --model /tmp/syn4096x4 --model /tmp/syn4096 \
+        --method rtn --method gptq --in-memory /tmp/syn4096 --out benchmarks/results/streaming_<date>.json
+
+Each run is one `anybit quantize ... --out TMP` child process; its peak RSS is the child's
+``ru_maxrss`` (os.wait4). Calibrated methods get random token windows (``--nsamples`` x
+``--seqlen``, seed 0) from the model's own vocabulary, written to a text file: memory does
+not depend on the text. Where a model runs both ways, the saved tensors are compared
+(every tensor equal, shards or not). One heavy job at a time: nothing else may run while
+the wall times are taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GiB = 2**30
+ANYBIT = [sys.executable, "-m", "anybit.cli"]
+
+# LLaMA shapes for the prediction (Touvron et al. 2023; 70B with 8 key/value heads)
+LLAMA = {
+    "LLaMA-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "LLaMA-13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
+    "LLaMA-2-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+def block_linears(cfg: dict) -> list[tuple[int, int]]:
+    """(out, in) of each linear of one Llama decoder block."""
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    return [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]
+
+
+def predict(cfg: dict, method: str, nsamples: int, seqlen: int, base: float, stream: bool,
+            act_budget: float = 4 * GiB) -> dict:
+    """Peak RSS in bytes, as the sum of what the code holds at its largest moment (fp32 throughout):
+
+    * ``base``: the interpreter with torch, transformers and anybit imported (measured).
+    * embedding ``E`` = 4·V·h; the head ``Hd`` = 4·V·h when untied. The head is quantized
+      last (RTN INT8): its float weight, the float copy that becomes the linear, and the
+      rounding's float temporaries: 3·Hd at that moment.
+    * one float block ``B`` = 4·(sum of its linears), read when the method reaches it
+      (in memory: every block, L·B, and the float model's tensors are loaded twice
+      transiently by transformers' loader, not modelled).
+    * GPTQ on the block's largest linear (n, k): Hessian and its inverse factor 2·4·k², the
+      weight being solved and its quantized copy 2·4·n·k; the calibration activations,
+      inputs and outputs, 2·4·N·T·h (memory-mapped files beyond the activation budget).
+    * the packed model: about bits/32 of the float linears (in memory only; streamed, each
+      block leaves with its shard).
+    """
+    h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    lin = block_linears(cfg)
+    B = 4 * sum(n * k for n, k in lin)
+    E = 4 * V * h
+    Hd = 0 if cfg.get("tie_word_embeddings") else 4 * V * h
+    packed = L * B * 4.5 / 32  # INT4 g128 codes, scales and zeros
+    work = 0
+    if method == "gptq":
+        n, k = max(lin, key=lambda nk: nk[1] * max(nk[1], nk[0]))
+        acts = 2 * 4 * nsamples * seqlen * h
+        work = 2 * 4 * k * k + 2 * 4 * n * k + (acts if acts <= act_budget else 0)
+    elif method == "rtn":
+        n, k = max(lin, key=lambda nk: nk[0] * nk[1])
+        work = 2 * 4 * n * k  # the weight divided by its scales, then its codes
+    blocks = B if stream else L * B
+    during_blocks = base + E + Hd + blocks + work + (0 if stream else packed)
+    at_head = base + E + 3 * Hd + (0 if stream else packed + L * B)
+    return {"bytes": max(during_blocks, at_head), "E": E, "Hd": Hd, "B": B, "work": work}
+
+
+def model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def measure(cmd: list[str]) -> tuple[int, float, float, int, str]:
+    """(return code, wall s, peak RSS bytes, cpu s, stderr tail) of one child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, time.perf_counter() - t0, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime, err[-600:]
+
+
+def baseline_rss() -> float:
+    code = "import torch, transformers, anybit.cli, anybit.io.checkpoint, anybit.models.lazy"
+    rc, _, rss, _, err = measure([sys.executable, "-c", code])
+    if rc != 0:
+        raise SystemExit(f"cannot import anybit: {err}")
+    return rss
+
+
+def calib_file(folder: Path, vocab: int, nsamples: int, seqlen: int, where: Path) -> Path:
+    rnd = random.Random(0)
+    f = where / "calib.txt"
+    words = [f"t{rnd.randrange(3, vocab)}" for _ in range(nsamples * seqlen * 2)]
+    f.write_text("\n".join(" ".join(words[i: i + 64]) for i in range(0, len(words), 64)) + "\n")
+    return f
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    import torch
+
+    from anybit.io.checkpoint import _read_weights
+
+    sa, sb = _read_weights(a), _read_weights(b)
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", required=True, help="a Hugging Face folder (repeatable)")
+    ap.add_argument("--method", action="append", default=None, help="rtn, gptq (repeatable; default both)")
+    ap.add_argument("--in-memory", action="append", default=[], help="also run these models without --stream")
+    ap.add_argument("--wbits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--out", default=None, help="results JSON (default: print only)")
+    args = ap.parse_args()
+    methods = args.method or ["rtn", "gptq"]
+    base = baseline_rss()
+    tmp = Path(tempfile.mkdtemp(prefix="anybit-streaming-"))
+    rows = []
+    try:
+        for m in args.model:
+            folder = Path(m)
+            cfg = json.loads((folder / "config.json").read_text())
+            calib = calib_file(folder, cfg["vocab_size"], args.nsamples, args.seqlen, tmp)
+            for method in methods:
+                outs = {}
+                for stream in ([True, False] if m in args.in_memory else [True]):
+                    out = tmp / f"q-{method}-{'s' if stream else 'm'}"
+                    cmd = [*ANYBIT, "quantize", str(folder), "--method", method, "--wbits", str(args.wbits),
+                           "--group-size", str(args.group_size), "--lm-head-bits", "8", "--out", str(out),
+                           "--overwrite", "--no-resume", "--quiet"]
+                    if method != "rtn":
+                        cmd += ["--calib", str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+                    if stream:
+                        cmd.append("--stream")
+                    rc, wall, rss, cpu, err = measure(cmd)
+                    if rc != 0:
+                        raise SystemExit(f"{' '.join(cmd)} failed ({rc}): {err}")
+                    pred = predict(cfg, method, args.nsamples, args.seqlen, base, stream)
+                    row = {"model": str(folder), "layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"],
+                           "method": method, "stream": stream, "bf16_gib": round(model_bytes(folder) / GiB, 3),
+                           "peak_rss_gib": round(rss / GiB, 3), "predicted_gib": round(pred["bytes"] / GiB, 3),
+                           "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                           "out_gib": round(model_bytes(out) / GiB, 3), "command": " ".join(cmd[2:])}
+                    outs[stream] = out
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                if len(outs) == 2:
+                    rows[-1]["same_tensors_as_stream"] = rows[-2]["same_tensors_as_stream"] = \
+                        same_tensors(outs[True], outs[False])
+                    print(f"same tensors streamed and in memory: {rows[-1]['same_tensors_as_stream']}", flush=True)
+                for o in outs.values():
+                    shutil.rmtree(o, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    predictions = {name: {method: round(predict(cfg, method, args.nsamples, args.seqlen, base, True)["bytes"] / GiB, 2)
+                          for method in methods} for name, cfg in LLAMA.items()}
+    print("predicted peak RSS, streamed (GiB):", json.dumps(predictions))
+    if args.out:
+        import torch
+
+        doc = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "baseline_rss_gib": round(base / GiB, 3),
+               "nsamples": args.nsamples, "seqlen": args.seqlen, "rows": rows, "predicted_streamed_gib": predictions}
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
