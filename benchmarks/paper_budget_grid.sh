@@ -6,7 +6,8 @@
 # Evaluation: WikiText-2 test, 2048-token windows, the first 40; KL to the float model on 4.
 # Each `compare` call is resumable (finished cells are skipped, a killed cell resumes at its
 # next block), so the script can be re-run until it completes; the calls are in priority
-# order (one row per claim first). Run from the repository root; one heavy job at a time.
+# order: the finished cells first, then the cheap rows (minutes each),
+# then the trained ones (hours). Run from the repository root; one heavy job at a time.
 set -e
 export ANYBIT_DATA=${ANYBIT_DATA:-../shared/data}
 A=.venv/bin/anybit
@@ -20,26 +21,30 @@ $A compare $W --methods abq --schemes W4A4G-1
 # FlexQ: W6A6 with the sensitivity ranking, with the official rule (every down_proj at A8), W6A16
 $A compare $W --methods flexq,flexq:a8=down_proj --schemes W6A6
 $A compare $W --methods flexq --schemes W6A16
-# what the cut from 128 to 32 calibration windows costs, on one cell (PoTPTQ W3 g128)
-$A compare ${W/--nsamples 32/--nsamples 128}-128 --methods potptq --schemes W3A16G128
+# the W+A baselines for ABQ-LLM's rows
+$A compare $W --methods rtn,smoothquant --schemes W4A4G-1,W6A6G-1,W2A8G-1
+# GPTQ: dampening 0.05 (the default is 0.01), with act-order (the best order at W3 and W4 above) and natural
+$A compare $W --methods gptq:order=act:damp_percent=0.05,gptq:order=none:damp_percent=0.05 --schemes W3A16G128
+# GPTQ: the symmetric grid, absmax/(2^(b-1)-1) (ours) vs 2*absmax/(2^b-1) around zero 2^(b-1) (GPTQ's, 'range')
+$A compare $W --methods gptq:order=act:sym=true,gptq:order=act:sym=true:sym_rule=range --schemes W4A16G128,W3A16G128
+# 2-bit weight-only baselines
+$A compare $W --methods rtn,gptq:order=none,gptq:order=act --schemes W2A16G64,W2A16G128
+# GPTQT with a float32 and with a float16 offset
+$A compare $W --methods gptqt:scale_grid=0.9/0.95/1.0,gptqt:scale_grid=0.9/0.95/1.0:offset16=true --schemes W3A16G128,W2A16G64
+# GPTQ at equal storage with GPTQT (INT3 g32 ~ 3.6 b/w, INT2 g32)
+$A compare $W --methods gptq:order=none,gptq:order=act --schemes W3A16G32,W2A16G32
 # ABQ-LLM W2*A8 (bit balance), 40 epochs
 $A compare $W --methods abq --schemes 'W2*A8G-1'
 # PoTPTQ: the paper's 2-bit ablation at g64 (40 epochs)
 $A compare $W --methods potptq:steps=none,potptq:steps=init,potptq:steps=refine,potptq --schemes W2A16G64
-# ABQ-LLM W6A6, W2A8 (no bit balance); the W+A baselines
+# ABQ-LLM W6A6, W2A8 (no bit balance)
 $A compare $W --methods abq --schemes W6A6G-1,W2A8G-1
-$A compare $W --methods rtn,smoothquant --schemes W4A4G-1,W6A6G-1,W2A8G-1
-# GPTQ: dampening and the symmetric scale rule
-$A compare $W --methods gptq:order=gar:damp_percent=0.05,gptq:order=none:damp_percent=0.05 --schemes W3A16G128
-$A compare $W --methods gptq:sym=true,gptq:sym=true:sym_rule=range --schemes W4A16G128,W3A16G128
-# 2-bit weight-only baselines and PoTPTQ W2 g128
-$A compare $W --methods rtn,gptq:order=none,gptq:order=gar --schemes W2A16G64,W2A16G128
+# PoTPTQ W2 g128 (40 epochs)
 $A compare $W --methods potptq --schemes W2A16G128
-# GPTQT with a float16 offset; GPTQ at equal storage (INT3 g32 ~ 3.6 b/w, INT2 g32)
-$A compare $W --methods gptqt:scale_grid=0.9/0.95/1.0,gptqt:scale_grid=0.9/0.95/1.0:offset16=true --schemes W3A16G128,W2A16G64
-$A compare $W --methods gptq:order=none,gptq:order=gar --schemes W3A16G32,W2A16G32
 # PoTPTQ with the paper's plain format (pot, no zero level)
 $A compare $W --methods potptq:zero_level=false --schemes W3A16G128,W2A16G128
 $A compare $W --methods potptq:zero_level=false:steps=none,potptq:zero_level=false:steps=init,potptq:zero_level=false:steps=refine,potptq:zero_level=false --schemes W2A16G64
+# what the cut from 128 to 32 calibration windows costs, on one cell (PoTPTQ W3 g128)
+$A compare ${W/--nsamples 32/--nsamples 128}-128 --methods potptq --schemes W3A16G128
 $A report benchmarks/results/smollm2-budget --paper benchmarks/paper_budget.json \
   --title "SmolLM2-135M (Q4_1-dequantized), papers' epoch counts, C4 32 x 512"
