@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="results folder (default compare-MODEL)")
     c.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     c.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    c.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run each cell as a Ray task: on the cluster at ADDRESS (host:port, or 'auto'), or "
+                        "without ADDRESS on a Ray instance started here; needs the [ray] extra, and the "
+                        "--out folder and data on a filesystem every node sees")
+    c.add_argument("--ray-cpus", type=int, default=1, help="CPUs each cell reserves on Ray (its torch threads)")
     c.add_argument("--title", default=None)
     c.add_argument("--paper", default=None, help="JSON file: {\"method|scheme\": paper ppl} for a column")
     _add_common(c)
@@ -584,8 +589,11 @@ def cmd_compare(args) -> int:
                             evals=tuple(e.strip() for e in args.eval.split(",") if e.strip()),
                             eval_seqlen=args.eval_seqlen, max_windows=args.max_windows, kl_windows=args.kl_windows,
                             data_dir=os.environ.get("ANYBIT_DATA"))
+    if args.ray_cpus < 1:
+        raise AnybitError(f"--ray-cpus must be at least 1, got {args.ray_cpus}")
     out = Path(args.out or f"compare-{Path(model).name}")
-    run_grid(settings, cells, out, retry_failed=args.retry_failed, timeout=args.timeout, log=_log)
+    run_grid(settings, cells, out, retry_failed=args.retry_failed, timeout=args.timeout, log=_log,
+             ray_address=args.ray, ray_cpus=args.ray_cpus)
     report = make_report(out, args.title, paper)
     _log(f"anybit: wrote {report}")
     return 0

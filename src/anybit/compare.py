@@ -116,32 +116,116 @@ def _append(out: Path, row: dict) -> None:
 
 
 def run_grid(settings: GridSettings, cells: list[Cell], out: Path, retry_failed: bool = False,
-             timeout: float | None = None, log=print) -> list[dict]:
-    """Run every cell not already in ``out/results.jsonl``; returns all rows."""
+             timeout: float | None = None, log=print, ray_address: str | None = None,
+             ray_cpus: int = 1) -> list[dict]:
+    """Run every cell not already in ``out/results.jsonl``; returns all rows. With
+    ``ray_address`` (``"local"`` starts a Ray instance on this machine) each cell is a Ray
+    task (see :func:`_run_on_ray`); the rows, the resume and the failure handling are the same."""
     out.mkdir(parents=True, exist_ok=True)
     done = {r["key"]: r for r in read_results(out)}
     todo = [c for c in cells if c.key not in done or (retry_failed and done[c.key]["status"] == "failed")]
-    log(f"anybit compare: {len(cells)} cells, {len(cells) - len(todo)} already in {out / RESULTS}, {len(todo)} to run")
-    spent: list[float] = []
-    for i, cell in enumerate(todo):
+    where = f" on Ray ({ray_address})" if ray_address else ""
+    log(f"anybit compare: {len(cells)} cells, {len(cells) - len(todo)} already in {out / RESULTS}, "
+        f"{len(todo)} to run{where}")
+    runnable = []
+    for cell in todo:
         reason = check_cell(cell)
-        base = {"key": cell.key, "method": cell.method, "scheme": cell.scheme, "model": settings.model}
         if reason is not None:
-            _append(out, {**base, "status": "skipped", "reason": reason})
-            log(f"[{i + 1}/{len(todo)}] {cell.key}: skipped ({reason})")
-            continue
+            _append(out, {**_row_base(settings, cell), "status": "skipped", "reason": reason})
+            log(f"{cell.key}: skipped ({reason})")
+        else:
+            runnable.append(cell)
+    if ray_address:
+        _run_on_ray(settings, runnable, out, timeout, log, ray_address, ray_cpus)
+        return read_results(out)
+    spent: list[float] = []
+    for i, cell in enumerate(runnable):
         eta = ""
         if spent:
-            eta = f", ETA {sum(spent) / len(spent) * (len(todo) - i) / 60:.0f} min for the rest"
-        log(f"[{i + 1}/{len(todo)}] {cell.key}: running{eta}")
+            eta = f", ETA {sum(spent) / len(spent) * (len(runnable) - i) / 60:.0f} min for the rest"
+        log(f"[{i + 1}/{len(runnable)}] {cell.key}: running{eta}")
         t0 = time.perf_counter()
         row = _run_cell_subprocess(settings, cell, timeout, out)
         spent.append(time.perf_counter() - t0)
-        _append(out, {**base, **row})
-        msg = (f"ppl {', '.join(f'{k} {v:.3f}' for k, v in row['ppl'].items())}" if row["status"] == "ok"
-               else row.get("reason", ""))
-        log(f"[{i + 1}/{len(todo)}] {cell.key}: {row['status']} in {spent[-1]:.0f} s; {msg}")
+        _record(settings, cell, row, out, log, f"[{i + 1}/{len(runnable)}] ", spent[-1])
     return read_results(out)
+
+
+def _row_base(settings: GridSettings, cell: Cell) -> dict:
+    return {"key": cell.key, "method": cell.method, "scheme": cell.scheme, "model": settings.model}
+
+
+def _record(settings: GridSettings, cell: Cell, row: dict, out: Path, log, prefix: str, seconds: float) -> None:
+    _append(out, {**_row_base(settings, cell), **row})
+    msg = (f"ppl {', '.join(f'{k} {v:.3f}' for k, v in row['ppl'].items())}" if row["status"] == "ok"
+           else row.get("reason", ""))
+    log(f"{prefix}{cell.key}: {row['status']} in {seconds:.0f} s; {msg}")
+
+
+def _forwarded_env() -> dict[str, str]:
+    """What a cell run elsewhere needs of this process's environment (the data folder,
+    anybit's switches), since a Ray worker does not inherit it."""
+    return {k: v for k, v in os.environ.items() if k.startswith("ANYBIT_")}
+
+
+def _ray_task(settings: dict, cell: dict, timeout: float | None, out: str, cwd: str, env: dict,
+              threads: int) -> dict:
+    """One cell on a Ray worker: the same child process as the local runner, in the
+    driver's working folder (relative paths in the settings mean the same there: the
+    folder must be shared, as for the resume state under ``out/runs``)."""
+    env = {**env, "OMP_NUM_THREADS": str(threads)}  # as many torch threads as CPUs reserved
+    return _run_cell_subprocess(GridSettings(**{**settings, "evals": tuple(settings["evals"])}), Cell(**cell),
+                                timeout, Path(out), env=env, cwd=cwd)
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port that nothing answers on is an error now: Ray itself retries for minutes."""
+    import socket
+
+    if address in ("local", "auto") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise AnybitError(f"could not reach the Ray cluster at {address!r} ({e}); start one "
+                          "(ray start --head) or give --ray alone for a local instance") from None
+
+
+def _run_on_ray(settings: GridSettings, cells: list[Cell], out: Path, timeout: float | None, log,
+                address: str, cpus: int) -> None:
+    """Every cell as one Ray task reserving ``cpus`` CPUs; rows appended as tasks end, in
+    the order they end. A task that Ray itself loses (a dead worker or node) is a failed
+    row like a crashed cell; re-running the grid resumes as locally."""
+    try:
+        import ray
+    except ImportError:
+        raise AnybitError("--ray needs Ray: pip install 'anybit[ray]' (or run without --ray)") from None
+    if not cells:
+        return
+    if not ray.is_initialized():
+        _check_reachable(address)
+        try:
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise AnybitError(f"could not reach the Ray cluster at {address!r} ({str(e).splitlines()[0]}); "
+                              "start one (ray start --head) or give --ray local") from None
+    task = ray.remote(max_retries=0)(_ray_task).options(num_cpus=cpus)
+    started = time.perf_counter()
+    pending = {task.remote(asdict(settings), asdict(c), timeout, str(out.resolve()), os.getcwd(),
+                           _forwarded_env(), cpus): c for c in cells}
+    log(f"submitted {len(pending)} cells, {cpus} CPU(s) each")
+    n = 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(ready[0])
+        try:
+            row = ray.get(ready[0])
+        except ray.exceptions.RayError as e:
+            row = {"status": "failed", "reason": f"Ray task failed: {str(e).strip().splitlines()[-1][-400:]}"}
+        n += 1
+        _record(settings, cell, row, out, log, f"[{n}/{len(cells)}] ", time.perf_counter() - started)
 
 
 def cell_slug(cell: Cell) -> str:
@@ -149,14 +233,15 @@ def cell_slug(cell: Cell) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", cell.key)
 
 
-def _run_cell_subprocess(settings: GridSettings, cell: Cell, timeout: float | None, out: Path) -> dict:
+def _run_cell_subprocess(settings: GridSettings, cell: Cell, timeout: float | None, out: Path,
+                         env: dict[str, str] | None = None, cwd: str | None = None) -> dict:
     """One cell in a child process. Its progress bars go to ``out/logs/CELL.log``; a
     calibrated method keeps its per-block progress in ``out/runs/CELL`` so that a cell
     killed with the grid (or the session) resumes at its next block when the grid is
     run again."""
     run_dir = out / "runs" / cell_slug(cell)
     payload = json.dumps({"settings": asdict(settings), "cell": asdict(cell), "run_dir": str(run_dir)})
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if settings.data_dir:
         env["ANYBIT_DATA"] = settings.data_dir
     env.pop("ANYBIT_QUIET", None)
@@ -165,7 +250,7 @@ def _run_cell_subprocess(settings: GridSettings, cell: Cell, timeout: float | No
     try:
         with open(log_path, "a") as log:
             p = subprocess.run([sys.executable, "-m", "anybit.compare", payload], stdout=subprocess.PIPE,
-                               stderr=log, text=True, timeout=timeout, env=env)
+                               stderr=log, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
     last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
