@@ -5,7 +5,7 @@ against every measured point and evaluated for LLaMA-7B/13B/70B shapes.
     python benchmarks/synthetic_llama.py /tmp/syn4096x4 --layers 4
     python benchmarks/synthetic_llama.py /tmp/syn4096 --layers 8
     python benchmarks/streaming_memory.py --model /tmp/syn4096x4 --model /tmp/syn4096 \
-        --method rtn --method gptq --in-memory /tmp/syn4096 --out benchmarks/results/streaming_<date>.json
+        --method rtn --method gptq --in-memory /tmp/syn4096 --in-memory-method rtn --out benchmarks/results/streaming_<date>.json
 
 Each run is one `anybit quantize ... --out TMP` child process; its peak RSS is the child's
 ``ru_maxrss`` (os.wait4). Calibrated methods get random token windows (``--nsamples`` x
@@ -56,19 +56,22 @@ def predict(cfg: dict, method: str, nsamples: int, seqlen: int, base: float, str
     """Peak RSS in bytes, as the sum of what the code holds at its largest moment (fp32 throughout):
 
     * ``base``: the interpreter with torch, transformers and anybit imported (measured).
-    * embedding ``E`` = 4·V·h; the head ``Hd`` = 4·V·h when untied. The head is quantized
-      last (RTN INT8): its float weight, the float copy that becomes the linear, and the
-      rounding's float temporaries: 3·Hd at that moment.
+    * embedding ``E`` = 4·V·h, in memory throughout; the head ``Hd`` = 4·V·h when untied.
+      Streamed, the head is read only after the last block (``LazyWeights.load_head``) and
+      quantized (RTN INT8) in blocks of rows: Hd + its int8 codes Hd/4 + ~64 MB of
+      temporaries at that moment.
     * one float block ``B`` = 4·(sum of its linears), read when the method reaches it
-      (in memory: every block, L·B, and the float model's tensors are loaded twice
-      transiently by transformers' loader, not modelled).
-    * GPTQ on the block's largest linear (n, k): Hessian and its inverse factor 2·4·k², the
-      weight being solved and its quantized copy 2·4·n·k; the calibration activations,
-      inputs and outputs, 2·4·N·T·h (memory-mapped files beyond the activation budget).
-    * the packed model: about bits/32 of the float linears (in memory only; streamed, each
-      block leaves with its shard).
+      (in memory: every block, L·B).
+    * the largest layer's work. RTN: its dequantized copy (for the reported error) and its
+      codes, 5·n·k (the rest in ~16 MB row blocks). GPTQ: the Hessians of the block's
+      linears, collected in one pass (4·k² for each distinct input: q/k/v share one, gate/up
+      one), the inverse factor and the weight being solved with its error (4·k² + 3·4·n·k),
+      and the calibration activations, inputs and outputs of the block, 2·4·N·T·h
+      (memory-mapped files beyond the activation budget).
+    * the packed model: ~4.5/32 of the float linears (in memory only; streamed, each block
+      leaves with its shard).
     """
-    h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    h, f, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     lin = block_linears(cfg)
     B = 4 * sum(n * k for n, k in lin)
     E = 4 * V * h
@@ -77,14 +80,18 @@ def predict(cfg: dict, method: str, nsamples: int, seqlen: int, base: float, str
     work = 0
     if method == "gptq":
         n, k = max(lin, key=lambda nk: nk[1] * max(nk[1], nk[0]))
+        hessians = 4 * (h * h + h * h + h * h + f * f)  # q/k/v, o, gate/up, down
         acts = 2 * 4 * nsamples * seqlen * h
-        work = 2 * 4 * k * k + 2 * 4 * n * k + (acts if acts <= act_budget else 0)
+        work = hessians + 4 * k * k + 3 * 4 * n * k + (acts if acts <= act_budget else 0)
     elif method == "rtn":
         n, k = max(lin, key=lambda nk: nk[0] * nk[1])
-        work = 2 * 4 * n * k  # the weight divided by its scales, then its codes
-    blocks = B if stream else L * B
-    during_blocks = base + E + Hd + blocks + work + (0 if stream else packed)
-    at_head = base + E + 3 * Hd + (0 if stream else packed + L * B)
+        work = 5 * n * k
+    if stream:
+        during_blocks = base + E + B + work
+        at_head = base + E + Hd * 1.25 + 64 * 2**20
+    else:
+        during_blocks = base + E + Hd + L * B + work + packed
+        at_head = base + E + 3 * Hd + packed + L * B
     return {"bytes": max(during_blocks, at_head), "E": E, "Hd": Hd, "B": B, "work": work}
 
 
@@ -127,11 +134,26 @@ def same_tensors(a: Path, b: Path) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def write(args, base: float, rows: list[dict], predictions: dict | None) -> None:
+    if not args.out:
+        return
+    import torch
+
+    doc = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "baseline_rss_gib": round(base / GiB, 3),
+           "nsamples": args.nsamples, "seqlen": args.seqlen, "rows": rows, "predicted_streamed_gib": predictions}
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    if predictions is not None:
+        print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", required=True, help="a Hugging Face folder (repeatable)")
     ap.add_argument("--method", action="append", default=None, help="rtn, gptq (repeatable; default both)")
     ap.add_argument("--in-memory", action="append", default=[], help="also run these models without --stream")
+    ap.add_argument("--in-memory-method", action="append", default=None,
+                    help="only these methods without --stream (default: every --method)")
     ap.add_argument("--wbits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--nsamples", type=int, default=16)
@@ -149,7 +171,8 @@ def main() -> None:
             calib = calib_file(folder, cfg["vocab_size"], args.nsamples, args.seqlen, tmp)
             for method in methods:
                 outs = {}
-                for stream in ([True, False] if m in args.in_memory else [True]):
+                both = m in args.in_memory and (args.in_memory_method is None or method in args.in_memory_method)
+                for stream in ([True, False] if both else [True]):
                     out = tmp / f"q-{method}-{'s' if stream else 'm'}"
                     cmd = [*ANYBIT, "quantize", str(folder), "--method", method, "--wbits", str(args.wbits),
                            "--group-size", str(args.group_size), "--lm-head-bits", "8", "--out", str(out),
@@ -170,6 +193,7 @@ def main() -> None:
                     outs[stream] = out
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    write(args, base, rows, None)  # each row as it comes: a long run stopped keeps its rows
                 if len(outs) == 2:
                     rows[-1]["same_tensors_as_stream"] = rows[-2]["same_tensors_as_stream"] = \
                         same_tensors(outs[True], outs[False])
@@ -181,14 +205,7 @@ def main() -> None:
     predictions = {name: {method: round(predict(cfg, method, args.nsamples, args.seqlen, base, True)["bytes"] / GiB, 2)
                           for method in methods} for name, cfg in LLAMA.items()}
     print("predicted peak RSS, streamed (GiB):", json.dumps(predictions))
-    if args.out:
-        import torch
-
-        doc = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "baseline_rss_gib": round(base / GiB, 3),
-               "nsamples": args.nsamples, "seqlen": args.seqlen, "rows": rows, "predicted_streamed_gib": predictions}
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write(args, base, rows, predictions)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     key = run_key(model, config, calibration) if run_dir is not None else ""
     result: MethodResult = method.run(model, adapter, config, calibration, progress=progress,
                                       run_dir=Path(run_dir) if run_dir is not None else None, run_key=key)
+    lazy = getattr(model, "anybit_lazy", None)
+    if lazy is not None:  # streamed: the head stayed on disk while the blocks were in memory
+        lazy.load_head(model, adapter.lm_head)
     if config.lm_head_bits:
         quantize_lm_head(model, adapter.lm_head, config.lm_head_bits)
     model.anybit_info = quantization_info(model, config, result, time.perf_counter() - t0)
@@ -76,7 +79,10 @@ def quantize_lm_head(model: nn.Module, name: str, bits: int, group_size: int = 1
 
     head = model.get_submodule(name)
     linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-    linear.weight.data = head.weight.data.detach().clone().float()
+    w = head.weight.data.detach()
+    tied = getattr(model.get_input_embeddings(), "weight", None) is head.weight
+    # a copy only when the embedding keeps using the same tensor (a 32000 x 4096 head is 0.5 GB)
+    linear.weight.data = w.clone().float() if tied else w.float()
     if head.bias is not None:
         linear.bias.data = head.bias.data.detach().clone()
     model.set_submodule(name, QuantLinear.from_linear(linear, FormatSpec("int", bits, group_size, False)))

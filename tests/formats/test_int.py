@@ -112,3 +112,23 @@ def test_signed_rule_is_ggmls_q4_0_grid():
     assert err["signed"] < err["absmax"]
     # the side opposite the extreme has one level fewer: errors up to one step there
     assert (wq - w).abs().max() <= s.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_row_blocks_give_the_whole_matrix_result(monkeypatch, sym):
+    """quantize/dequantize work in blocks of rows (bounded temporaries for a large head):
+    the same bytes as one block, with a ragged last block and a per-group shrink."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 70, generator=g)
+    spec = FormatSpec("int", 3, 32, sym)
+    fmt = get_format("int")
+    shrink = 0.8 + 0.2 * torch.rand(37, 3, generator=g)
+    whole = fmt.quantize(w, spec, shrink=shrink)
+    whole_w = fmt.dequantize(whole, spec, (37, 70))
+    monkeypatch.setattr(intfmt, "_rows_per_chunk", lambda k: 5)
+    blocks = fmt.quantize(w, spec, shrink=shrink)
+    assert whole.keys() == blocks.keys() and all(torch.equal(whole[n], blocks[n]) for n in whole)
+    assert torch.equal(fmt.dequantize(blocks, spec, (37, 70)), whole_w)
+    s, z = intfmt.group_params(w, spec)
+    given = fmt.quantize(w, spec, scales=s, zeros=z)
+    assert torch.equal(given["qweight"], fmt.quantize(w, spec)["qweight"])

@@ -140,10 +140,34 @@ class IntFormat(WeightFormat):
         return IntParts(codes, scales, zeros)
 
     def quantize(self, w, spec, shrink=1.0, scales=None, zeros=None, sym_rule: str = "absmax"):
-        """Round to nearest on the group grid (given ``scales``/``zeros``, or min/max ones)."""
-        if scales is None:
-            scales, zeros = group_params(w, spec, shrink, sym_rule)
-        return self.pack(IntParts(encode(w, scales, zeros, spec), scales, zeros), spec, tuple(w.shape))
+        """Round to nearest on the group grid (given ``scales``/``zeros``, or min/max ones).
+
+        Rows are independent, so a large matrix (an output head of 32000 x 4096) is done in
+        blocks of rows: the float temporaries stay ~16 MB instead of several copies of it."""
+        n, k = w.shape
+        codes = torch.empty(n, k, dtype=torch.uint8)
+        all_s, all_z = [], []
+        for r0 in range(0, n, _rows_per_chunk(k)):
+            rows = slice(r0, r0 + _rows_per_chunk(k))
+            if scales is None:
+                sh = shrink[rows] if isinstance(shrink, torch.Tensor) and shrink.dim() == 2 else shrink
+                s, z = group_params(w[rows], spec, sh, sym_rule)
+            else:
+                s, z = scales[rows], zeros[rows]
+            codes[rows] = encode(w[rows], s, z, spec)
+            all_s.append(s)
+            all_z.append(z)
+        return self.pack(IntParts(codes, torch.cat(all_s), torch.cat(all_z)), spec, (n, k))
 
     def dequantize(self, packed, spec, shape):
-        return decode(*self.unpack(packed, spec, shape), spec)
+        codes, scales, zeros = self.unpack(packed, spec, shape)
+        n, k = shape
+        out = torch.empty(n, k, dtype=torch.float32)
+        for r0 in range(0, n, _rows_per_chunk(k)):  # row blocks, as quantize
+            rows = slice(r0, r0 + _rows_per_chunk(k))
+            out[rows] = decode(codes[rows], scales[rows], zeros[rows], spec)
+        return out
+
+
+def _rows_per_chunk(k: int) -> int:
+    return max(1, (1 << 22) // max(k, 1))  # ~4M elements: 16 MB per float32 temporary

@@ -153,6 +153,12 @@ def quantize_layers_data_free(method: Method, model: nn.Module, adapter: Adapter
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """‖W - Ŵ‖² / ‖W‖² (0 for an all-zero weight)."""
-    den = w.float().pow(2).sum().item()
-    return (w.float() - w_hat.float()).pow(2).sum().item() / den if den > 0 else 0.0
+    """‖W - Ŵ‖² / ‖W‖² (0 for an all-zero weight); in blocks of rows, so that a large
+    layer's temporaries stay small."""
+    num = den = 0.0
+    step = max(1, (1 << 22) // max(w.shape[-1], 1))
+    for r0 in range(0, w.shape[0], step):
+        a = w[r0: r0 + step].float()
+        den += a.pow(2).sum().item()
+        num += (a - w_hat[r0: r0 + step].float()).pow(2).sum().item()
+    return num / den if den > 0 else 0.0

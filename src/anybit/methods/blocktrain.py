@@ -12,41 +12,14 @@ that feed the next block and every reported error are computed in float32.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from ..allocator import keep_freed_memory  # noqa: F401  (used by potptq, abq)
 from .sequential import block_generator
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_allocator_tuned = False
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc reuse freed blocks instead of returning them to the OS.
-
-    A training step allocates and frees hundreds of 1-16 MB tensors; with glibc's defaults
-    each one is a fresh ``mmap`` whose pages fault in on first touch, which made the
-    elementwise work of a step 2-5x slower than the arithmetic (measured in
-    docs/training.md). Raising the mmap threshold to its maximum (32 MiB) and the trim
-    threshold to 512 MiB keeps them on the heap. Process-wide and harmless elsewhere; a
-    no-op where the C library has no ``mallopt``.
-    """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return
-    _allocator_tuned = True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
-    except (OSError, AttributeError):
-        pass
 
 
 def train_autocast(enabled: bool):

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..allocator import release_freed_memory
 from ..errors import AnybitError
 
 
@@ -70,6 +71,7 @@ class LazyWeights:
             for attr in ("_native_cache", "_dequant_cache"):  # kernel layouts built on the packed tensors
                 if hasattr(m, attr):
                     delattr(m, attr)
+        release_freed_memory()
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open
@@ -84,6 +86,10 @@ class LazyWeights:
             raise AnybitError(f"{self.folder / shard} is corrupt ({str(e).splitlines()[0] if str(e) else e}); "
                               "the model folder is incomplete") from None
         return t.to(self.dtype)
+
+    def load_head(self, model: nn.Module, name: str) -> None:
+        """Read the output head ``name`` (kept on disk while the blocks were quantized)."""
+        self.materialize(model.get_submodule(name), name)
 
     def materialize(self, module: nn.Module, prefix: str, skip=None) -> None:
         """Replace every meta parameter of ``module`` (named ``prefix.<name>`` on disk) by its
@@ -130,9 +136,11 @@ def load_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
     blocks = adapter.get_blocks(model)
     block_ids = {id(p) for b in blocks for p in b.parameters()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    # everything outside the blocks now (embeddings, final norm, head; a tied head is restored below)
-    weights.materialize(model, "", skip=lambda full, p: id(p) in block_ids
-                        or (tied and full == "lm_head.weight" and full not in weights.where))
+    head = f"{adapter.lm_head}.weight"
+    # everything outside the blocks now (embeddings, final norm) but an untied head, which is
+    # read when the method is done (load_head), so that it is not in memory with a block;
+    # a tied head is restored below
+    weights.materialize(model, "", skip=lambda full, p: id(p) in block_ids or full == head)
     if tied:
         model.tie_weights()
     from .state import rebuild_meta_buffers
