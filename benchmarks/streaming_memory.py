@@ -68,7 +68,7 @@ def predict(cfg: dict, method: str, nsamples: int, seqlen: int, base: float, str
       one), the inverse factor and the weight being solved with its error (4·k² + 3·4·n·k),
       and the calibration activations, inputs and outputs of the block, 2·4·N·T·h
       (memory-mapped files beyond the activation budget).
-    * the packed model: ~4.5/32 of the float linears (in memory only; streamed, each block
+    * the packed model: ~4.5/32 of the float linears (streamed: the current block's, which
       leaves with its shard).
     """
     h, f, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
@@ -87,7 +87,7 @@ def predict(cfg: dict, method: str, nsamples: int, seqlen: int, base: float, str
         n, k = max(lin, key=lambda nk: nk[0] * nk[1])
         work = 5 * n * k
     if stream:
-        during_blocks = base + E + B + work
+        during_blocks = base + E + B + B * 4.5 / 32 + work
         at_head = base + E + Hd * 1.25 + 64 * 2**20
     else:
         during_blocks = base + E + Hd + L * B + work + packed
@@ -134,6 +134,23 @@ def same_tensors(a: Path, b: Path) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def repredict(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    base = doc["baseline_rss_gib"] * GiB
+    for row in doc["rows"]:
+        cfg = json.loads((Path(row["model"]) / "config.json").read_text())
+        row["predicted_gib"] = round(predict(cfg, row["method"], doc["nsamples"], doc["seqlen"], base,
+                                             row["stream"])["bytes"] / GiB, 3)
+    methods = sorted({row["method"] for row in doc["rows"]})
+    doc["predicted_streamed_gib"] = {
+        name: {m: round(predict(cfg, m, doc["nsamples"], doc["seqlen"], base, True)["bytes"] / GiB, 2) for m in methods}
+        for name, cfg in LLAMA.items()}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    for row in doc["rows"]:
+        print(row["layers"], row["method"], row["stream"], row["peak_rss_gib"], row["predicted_gib"])
+    print(json.dumps(doc["predicted_streamed_gib"]))
+
+
 def write(args, base: float, rows: list[dict], predictions: dict | None) -> None:
     if not args.out:
         return
@@ -149,7 +166,7 @@ def write(args, base: float, rows: list[dict], predictions: dict | None) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", action="append", required=True, help="a Hugging Face folder (repeatable)")
+    ap.add_argument("--model", action="append", default=[], help="a Hugging Face folder (repeatable)")
     ap.add_argument("--method", action="append", default=None, help="rtn, gptq (repeatable; default both)")
     ap.add_argument("--in-memory", action="append", default=[], help="also run these models without --stream")
     ap.add_argument("--in-memory-method", action="append", default=None,
@@ -159,8 +176,15 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default=None, help="results JSON (default: print only)")
+    ap.add_argument("--repredict", default=None, metavar="JSON",
+                    help="recompute the predictions of a results file with this formula (no runs)")
     args = ap.parse_args()
     methods = args.method or ["rtn", "gptq"]
+    if args.repredict:
+        repredict(Path(args.repredict))
+        return
+    if not args.model:
+        ap.error("give --model FOLDER (or --repredict JSON)")
     base = baseline_rss()
     tmp = Path(tempfile.mkdtemp(prefix="anybit-streaming-"))
     rows = []
@@ -198,6 +222,7 @@ def main() -> None:
                     rows[-1]["same_tensors_as_stream"] = rows[-2]["same_tensors_as_stream"] = \
                         same_tensors(outs[True], outs[False])
                     print(f"same tensors streamed and in memory: {rows[-1]['same_tensors_as_stream']}", flush=True)
+                    write(args, base, rows, None)
                 for o in outs.values():
                     shutil.rmtree(o, ignore_errors=True)
     finally:

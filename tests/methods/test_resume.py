@@ -17,7 +17,19 @@ METHODS = {
     # trained methods: the float chain (ABQ-LLM) and the optimizer's random order must resume too
     "abq": ["--method", "abq", "--scheme", "W4A8", "--epochs", "1"],
     "potptq": ["--method", "potptq", "--wbits", "3", "--epochs", "1"],
+    "gptqt": ["--method", "gptqt", "--wbits", "3"],
+    "smoothquant": ["--method", "smoothquant", "--scheme", "W8A8"],
 }
+# calibrated methods with nothing to resume: FlexQ's calibration is one ranking pass over
+# the float model before any block is quantized (its blocks are then data-free)
+NO_BLOCK_PROGRESS = {"flexq"}
+
+
+def test_every_calibrated_method_has_a_resume_case():
+    from anybit.methods import METHODS as REGISTRY
+
+    calibrated = {n for n, m in REGISTRY.items() if m.needs_calibration}
+    assert calibrated - NO_BLOCK_PROGRESS == set(METHODS)
 
 
 def _quantize(out, extra_env=None, method="gptq"):

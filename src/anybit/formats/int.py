@@ -145,7 +145,7 @@ class IntFormat(WeightFormat):
         Rows are independent, so a large matrix (an output head of 32000 x 4096) is done in
         blocks of rows: the float temporaries stay ~16 MB instead of several copies of it."""
         n, k = w.shape
-        codes = torch.empty(n, k, dtype=torch.uint8)
+        codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
         all_s, all_z = [], []
         for r0 in range(0, n, _rows_per_chunk(k)):
             rows = slice(r0, r0 + _rows_per_chunk(k))
@@ -162,7 +162,7 @@ class IntFormat(WeightFormat):
     def dequantize(self, packed, spec, shape):
         codes, scales, zeros = self.unpack(packed, spec, shape)
         n, k = shape
-        out = torch.empty(n, k, dtype=torch.float32)
+        out = torch.empty(n, k, dtype=torch.float32, device=codes.device)
         for r0 in range(0, n, _rows_per_chunk(k)):  # row blocks, as quantize
             rows = slice(r0, r0 + _rows_per_chunk(k))
             out[rows] = decode(codes[rows], scales[rows], zeros[rows], spec)
