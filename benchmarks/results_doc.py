@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = (("smollm2", "results_weight_only.png"), ("smollm2-wa", "results_weight_activation.png"))
+FOLDERS = (("smollm2", "results_weight_only.png"), ("smollm2-wa", "results_weight_activation.png"),
+           ("smollm2-budget", "results_budget.png"))
 
 HEADER = """# Results: SmolLM2-135M, every method, next to the papers' numbers
 
@@ -19,7 +20,7 @@ Reproduce (after the README's install command; many hours on a 2-core CPU; each
 `anybit compare` call resumes where it stopped):
 
 ```bash
-bash benchmarks/smollm2_grid.sh && .venv/bin/python benchmarks/results_doc.py
+bash benchmarks/smollm2_grid.sh && bash benchmarks/paper_budget_grid.sh && .venv/bin/python benchmarks/results_doc.py
 ```
 
 Machine: x86-64 AMD EPYC, 2 cores (AVX-512), 24 GiB, no GPU; torch 2.13.0+cpu; run
@@ -31,6 +32,11 @@ and the first 40 WikiText-2 windows of 2048 tokens; weight+activation rows use C
 16 × 512 and the first 10 windows (each grid has its own FP row). Trained methods ran
 fewer epochs than the papers (the option is in the method name: `potptq:epochs=1`).
 PoTPTQ rows without `zero_level=false` use the zero-level format `potz` (the default).
+The third table (issue 13, `paper_budget_grid.sh`, 2026-12-01 onwards, still running) runs
+the trained methods at the papers' epoch counts on one calibration set for every row (C4
+32 × 512, seed 0; 40 WikiText-2 windows of 2048 tokens), one cell at a time; its
+`quantize (s)` includes time the grid was paused for other measurements in earlier
+sessions (`quantize_cpu_s` in its results.jsonl is the CPU time).
 """
 
 
