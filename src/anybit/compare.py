@@ -168,14 +168,13 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("ANYBIT_")}
 
 
-def _ray_task(settings: dict, cell: dict, timeout: float | None, out: str, cwd: str, env: dict,
+def _ray_task(settings: GridSettings, cell: Cell, timeout: float | None, out: str, cwd: str, env: dict,
               threads: int) -> dict:
     """One cell on a Ray worker: the same child process as the local runner, in the
     driver's working folder (relative paths in the settings mean the same there: the
     folder must be shared, as for the resume state under ``out/runs``)."""
     env = {**env, "OMP_NUM_THREADS": str(threads)}  # as many torch threads as CPUs reserved
-    return _run_cell_subprocess(GridSettings(**{**settings, "evals": tuple(settings["evals"])}), Cell(**cell),
-                                timeout, Path(out), env=env, cwd=cwd)
+    return _run_cell_subprocess(settings, cell, timeout, Path(out), env=env, cwd=cwd)
 
 
 def _check_reachable(address: str) -> None:
@@ -213,7 +212,7 @@ def _run_on_ray(settings: GridSettings, cells: list[Cell], out: Path, timeout: f
                               "start one (ray start --head) or give --ray local") from None
     task = ray.remote(max_retries=0)(_ray_task).options(num_cpus=cpus)
     started = time.perf_counter()
-    pending = {task.remote(asdict(settings), asdict(c), timeout, str(out.resolve()), os.getcwd(),
+    pending = {task.remote(settings, c, timeout, str(out.resolve()), os.getcwd(),
                            _forwarded_env(), cpus): c for c in cells}
     log(f"submitted {len(pending)} cells, {cpus} CPU(s) each")
     n = 0
