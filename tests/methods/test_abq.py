@@ -120,11 +120,14 @@ def test_training_moves_every_parameter_group_and_lowers_block_error():
     init_clip = float(torch.sigmoid(torch.tensor(4.0)))
     for b in blocks:
         assert b["steps"] == 32
-        assert b["error_after"] < b["error_before"], b
+        # the block's own error (vs the float block on the same inputs) falls in every block;
+        # the error vs the float chain also carries what earlier blocks left in the inputs
+        assert b["own_error_after"] < b["own_error_before"], b
         assert b["loss_last_epoch"] < b["loss_first_epoch"], b
         assert b["clip_gamma"]["min"] < init_clip - 1e-3 and b["clip_beta"]["min"] < init_clip - 1e-3, b
         assert b["let_ratio"]["max"] - b["let_ratio"]["min"] > 1e-3, b
         assert b["qk_scale"]["max"] - b["qk_scale"]["min"] > 1e-3, b
+    assert blocks[0]["error_after"] < blocks[0]["error_before"]  # block 0: both errors are the same
     assert "dc_a_abs_max" in blocks[0] and blocks[0]["dc_a_abs_max"] > 0
     assert {v["group_size"] for v in lm.model.anybit_info["layers"].values()} == {-1}
     json.dumps(lm.model.anybit_info, allow_nan=False)

@@ -6,6 +6,7 @@ import torch
 import anybit
 from anybit.data import calibration_windows, load_text
 from anybit.formats import FormatSpec, pot
+from anybit.methods.blocktrain import fast_bf16, resolve_amp
 from anybit.methods.potptq import PoTFakeLinear
 
 from conftest import STORIES_TRAIN, needs_stories, tiny_model
@@ -68,6 +69,11 @@ def test_log_domain_straight_through_gives_no_gradient_to_unclamped_scales():
     assert grads["log"] < 1e-5 < grads["scale"]
 
 
+def test_amp_unset_follows_the_cpu_and_a_given_value_wins():
+    assert resolve_amp(None) is fast_bf16()
+    assert resolve_amp(True) is True and resolve_amp(False) is False
+
+
 @needs_stories
 def test_step2_moves_gamma_and_lowers_every_block_error_on_stories():
     """The paper's loss (both norms as sums) lets Γ move: with a mean-form data term next to
@@ -83,4 +89,5 @@ def test_step2_moves_gamma_and_lowers_every_block_error_on_stories():
         assert b["gamma_abs_mean"] > 1e-3, b
         assert b["error_after"] < b["error_before"], b
         assert b["kept_epoch"] == 10
+        assert b["amp"] is fast_bf16()  # unset amp: bfloat16 only where the CPU multiplies it natively
     json.dumps(lm.model.anybit_info, allow_nan=False)  # config.json stays strict JSON

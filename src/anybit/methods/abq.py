@@ -36,12 +36,16 @@ steps under bfloat16 autocast (``amp``; the official code trains under CUDA AMP)
 The official LLaMA scripts quantize weights per channel: ``group_size=-1``.
 Each component can be switched off (``let``, ``lwc``, ``dc``, ``qk`` options) for the ablation.
 Per block, ``config.json`` records the loss of the first and last epoch, the block output
-error before and after training, and the clip factors, LET and Q/K scale ranges.
+error before and after training (``error_*``: against the float chain, which includes what
+the earlier quantized blocks left in the inputs; ``own_error_*``: against the float block on
+the same inputs, the part training can act on), and the clip factors, LET and Q/K scale ranges.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +62,12 @@ from ..models import Adapter
 from ..nn import QuantLinear
 from ..nn.attention import attention_modules, enable, set_qkv
 from .base import LayerReport, Method, MethodResult, relative_error
-from .blocktrain import epoch_order, freeze_except, keep_freed_memory, output_of, summary, train_autocast
+from .blocktrain import epoch_order, freeze_except, keep_freed_memory, output_of, resolve_amp, summary, train_autocast
 from .options import Options, opt
 from .sequential import BlockInputs, block_forward, run_sequential
 from .smoothing import Pair, absmax, fold_producer, input_range, pairs, smooth_scales, weight_absmax
 
+_DEBUG = bool(os.environ.get("ANYBIT_DEBUG"))  # per-block errors on stderr (trained vs packed)
 LWC_INIT = 4.0
 SCALE_FLOOR = 1e-2  # LET and Q/K scales are kept at or above this before every step (official)
 DC_FIRST, DC_LAST = 3, 4  # blocks i <= 2 and i >= L - 4
@@ -380,7 +385,8 @@ class ABQOptions(Options):
     lr_lwc: float = opt(1e-2, "learning rate of the clipping factors", check=lambda v: v > 0, must="positive")
     lr_dc: float = opt(1e-2, "learning rate of the distribution correction", check=lambda v: v > 0,
                        must="positive")
-    amp: bool = opt(True, "train under bfloat16 autocast (false: float32)")
+    amp: bool | None = opt(None, "train under bfloat16 autocast (false: float32; unset: on where the CPU "
+                                     "multiplies bfloat16 natively, AVX512-BF16/AMX, else float32)")
     loss: str = opt("official", "block loss: the official sum of MSE, cosine and KL terms, or OmniQuant's MSE",
                     choices=LOSSES)
     kl: str = opt("official", "attention-map KL term: the official form (numerically ~0), the maps' own KL, "
@@ -401,7 +407,7 @@ class ABQ(Method):
         use_let, use_lwc, use_dc, use_qk = o.let, o.lwc, o.dc, o.qk
         epochs = o.epochs if o.epochs is not None else default_epochs(config)
         lr_let, lr_lwc, lr_dc = o.lr_let, o.lr_lwc, o.lr_dc
-        batch, amp, loss_kind, kl_kind = o.batch, o.amp, o.loss, o.kl
+        batch, amp, loss_kind, kl_kind = o.batch, resolve_amp(o.amp), o.loss, o.kl
         qkv = ActSpec(config.abits, -1, False) if config.abits < 16 and o.qkv else None
         n_blocks = len(adapter.get_blocks(model))
         enable(model)  # attention through anybit's function: Q/K/V quantization and map capture
@@ -432,7 +438,10 @@ class ABQ(Method):
             dc_block = use_dc and (i < DC_FIRST or i >= n_blocks - DC_LAST)
             y_fp = inputs.fp_out
             official = loss_kind == "official"
-            y_fp2 = forward(block) if official else None  # the float block on the quantized chain
+            # the float block on the quantized chain's inputs: a loss target (official) and the
+            # reference of the block's own error (the error vs y_fp also carries what the
+            # quantized blocks before this one left in its inputs, which training cannot undo)
+            y_fp2 = forward(block)
             want_maps = official and kl_kind != "none" and epochs > 0
             p_fp = float_maps(block, inputs.fp_hidden, inputs.kwargs) if want_maps else None
             linears = adapter.get_linears(block)
@@ -506,12 +515,14 @@ class ABQ(Method):
                     loss = loss + (kl_official if kl_kind == "official" else kl_maps)(p_fp[idx].float(), p_q.float())
                 return loss
 
-            def quantized_error() -> float:
+            def quantized_errors() -> tuple[float, float]:
+                """Relative output error vs the float chain and vs the float block (own)."""
                 act_cache.clear()
-                return relative_error(y_fp, block_forward(block, inputs.hidden, inputs.kwargs))
+                y = block_forward(block, inputs.hidden, inputs.kwargs)
+                return relative_error(y_fp, y), relative_error(y_fp2, y)
 
             n = inputs.hidden.shape[0]
-            err_before = quantized_error()
+            err_before, own_before = quantized_errors()
             losses = []
             if groups and epochs:
                 opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -535,6 +546,7 @@ class ABQ(Method):
             with torch.no_grad():
                 for p in scale_params:
                     p.clamp_(min=SCALE_FLOOR)
+            err_trained = quantized_errors()[0] if _DEBUG else None
             stats = self.block_stats(wrapped, lets, qk[2] if qk is not None else None)
             # fold the learned transforms for good, then pack
             with torch.no_grad():
@@ -546,10 +558,15 @@ class ABQ(Method):
                 for let in lets:
                     if let.pair.producer_is_norm:
                         fold_producer(block.get_submodule(let.pair.producer), let.pair, let.s(), let.shift)
-                err = relative_error(y_fp, block_forward(block, inputs.hidden, inputs.kwargs))
-            stats.update(error_before=err_before, error_after=err, steps=epochs * -(-n // batch) if groups else 0,
+                y = block_forward(block, inputs.hidden, inputs.kwargs)
+                err, own = relative_error(y_fp, y), relative_error(y_fp2, y)
+            if _DEBUG:
+                print(f"abq block {i}: error {err_before:.4e} -> trained {err_trained:.4e} -> packed {err:.4e}; "
+                      f"own {own_before:.4e} -> {own:.4e}; loss {losses[0] if losses else 0:.4g} -> "
+                      f"{losses[-1] if losses else 0:.4g}", file=sys.stderr)
+            stats.update(error_before=err_before, error_after=err, own_error_before=own_before, own_error_after=own, steps=epochs * -(-n // batch) if groups else 0, amp=amp,
                          loss_first_epoch=losses[0] if losses else None, loss_last_epoch=losses[-1] if losses else None,
-                         postfix=f"err {err_before:.3e}->{err:.3e}"
+                         postfix=f"own err {own_before:.3e}->{own:.3e}"
                                  + (f" loss {losses[0]:.3g}->{losses[-1]:.3g}" if losses else ""))
             return [LayerReport(names[n_], w.spec, err) for n_, w in wrapped.items()], stats
 

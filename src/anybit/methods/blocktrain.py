@@ -7,7 +7,9 @@ the epoch order, and per-block statistics.
 accumulation (2.4x the float32 GEMM rate on AVX512-BF16 CPUs, docs/training.md), norms,
 softmax and losses stay in float32. Only the training steps use it; the block outputs
 that feed the next block and every reported error are computed in float32.
-``amp=false`` trains in float32.
+``amp=false`` trains in float32. Unset (the default), ``amp`` is on only where the CPU has
+bfloat16 matmul instructions (AVX512-BF16 or AMX): elsewhere bfloat16 GEMMs are emulated and
+run 7-14x *slower* than float32 (measured on an AVX2-only AMD EPYC, docs/training.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from torch import nn
 
 from ..allocator import keep_freed_memory  # noqa: F401  (used by potptq, abq)
 from .sequential import block_generator
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_amp(amp: bool | None) -> bool:
+    """The ``amp`` option as run: the user's value, or (unset) bfloat16 where it is fast."""
+    return fast_bf16() if amp is None else bool(amp)
 
 
 def train_autocast(enabled: bool):

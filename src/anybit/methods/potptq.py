@@ -45,7 +45,7 @@ from ..models import Adapter
 from ..nn import QuantLinear
 from ..nn.attention import enable as enable_attention
 from .base import LayerReport, Method, MethodResult, quantize_layers_data_free, relative_error
-from .blocktrain import epoch_order, freeze_except, keep_freed_memory, output_of, train_autocast
+from .blocktrain import epoch_order, freeze_except, keep_freed_memory, output_of, resolve_amp, train_autocast
 from .options import Options, opt
 from .sequential import BlockInputs, block_forward, run_sequential
 
@@ -146,7 +146,8 @@ class PoTPTQOptions(Options):
                      flag="--lambda", key="lambda")
     batch: int = opt(1, "windows per Adam step (the paper: 1)", check=lambda v: v >= 1, must=">= 1",
                      flag="--batch")
-    amp: bool = opt(True, "train under bfloat16 autocast (false: float32)")
+    amp: bool | None = opt(None, "train under bfloat16 autocast (false: float32; unset: on where the CPU "
+                                     "multiplies bfloat16 natively, AVX512-BF16/AMX, else float32)")
     guard: str = opt("end", "keep the trained scales only if the block error fell: at the end, the best "
                      "epoch, or never check", choices=("end", "best", "none"))
     straight_through: str = opt("scale", "gradient path of the rounding: through the scale or its log",
@@ -185,7 +186,7 @@ class PoTPTQ(Method):
                 f"potptq-{steps}", progress)
         keep_freed_memory()
         enable_attention(model)  # the training steps use anybit's causal attention (faster backward)
-        lr, lam, batch, amp = o.lr, o.lam, o.batch, o.amp  # batch 1: one window per Adam step, as the paper
+        lr, lam, batch, amp = o.lr, o.lam, o.batch, resolve_amp(o.amp)  # batch 1: one window per Adam step, as the paper
         epochs = o.epochs if o.epochs is not None else default_epochs(config.wbits)
         guard, straight_through = o.guard, o.straight_through
 
@@ -257,7 +258,7 @@ class PoTPTQ(Method):
             block_err = relative_error(target, forward(block))
             for r in reports:
                 r.error = block_err
-            stats = {"error_before": err0, "error_after": block_err, "steps": epochs * -(-n // batch),
+            stats = {"error_before": err0, "error_after": block_err, "steps": epochs * -(-n // batch), "amp": amp,
                      "gamma_abs_mean": float(gammas.mean()), "gamma_abs_max": float(gammas.max()),
                      "loss_first_epoch": losses[0] if losses else None, "loss_last_epoch": losses[-1] if losses else None,
                      "kept_epoch": best_epoch,
