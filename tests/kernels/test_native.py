@@ -84,13 +84,17 @@ Q8_CASES = [("int", b, s) for b in (2, 3, 4, 5, 6, 7, 8) for s in (False, True)]
     [("pot", 2, False), ("pot", 3, False), ("potz", 2, False), ("potz", 3, False), ("potz", 4, False)]
 
 
-@pytest.mark.skipif(not native.available() or not native._lib.anybit_has_q8(), reason="no AVX-512 VNNI")
 @pytest.mark.parametrize("fmt,bits,sym", Q8_CASES)
 @pytest.mark.parametrize("group", [64, 128, 256, -1])
-def test_int_int8_activations(fmt, bits, sym, group):
-    """INT weights against int8 activations (VNNI): equal to the emulation of its arithmetic,
-    and within the int8 rounding of the float reference; odd N (blocks of 4 rows padded), K
-    not a multiple of the group or of 64, batch 1 to 5."""
+def test_int_int8_activations(isa, fmt, bits, sym, group):
+    """INT weights against int8 activations (AVX-512 VNNI where the CPU has it and avx512 is
+    in use, else AVX2 vpmaddubsw): equal to the emulation of its arithmetic, and within the
+    int8 rounding of the float reference; odd N (blocks of 4 rows padded), K not a multiple
+    of the group or of 64, batch 1 to 5."""
+    if isa == "scalar":
+        assert not native._lib.anybit_has_q8()
+        pytest.skip("the int8-activation kernels need AVX2")
+    assert native._lib.anybit_has_q8() == (2 if isa == "avx512" and native.has_vnni() else 1)
     for n, k, m in [(37, 576, 1), (5, 200, 3), (19, 1536, 5), (4, 64, 2), (9, 300, 4)]:
         opts = {"grid": (0.5, 0.8, 1.0)} if fmt != "int" else {}
         q = QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group, sym), **opts)

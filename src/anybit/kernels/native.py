@@ -59,6 +59,7 @@ def _load():
         lib.anybit_bitplane_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, i64, p, p, p, c_int,
                                              c_int, i64, p, p, c_int]
         lib.anybit_has_q8.restype = c_int
+        lib.anybit_cpu_vnni.restype = c_int
         lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int, p]
         lib.anybit_rmsnorm.argtypes = [p, p, c_float, p, i64, i64]
         lib.anybit_attn_decode.argtypes = [p, p, p, p, p, i64, i64, p, p, i64, i64, i64, c_float, p, p, c_float, p, p]
@@ -91,6 +92,16 @@ def cpu_isa() -> str:
 
 def isa() -> str:
     return ISA_NAMES[_load().anybit_get_isa()]
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has AVX-512 VNNI (the int8 kernel then uses vpdpbusd under avx512)."""
+    return bool(_load().anybit_cpu_vnni())
+
+
+def q8_kernel() -> str | None:
+    """The int8-activation kernel in use: ``"vnni"``, ``"avx2"`` or None (portable)."""
+    return {2: "vnni", 1: "avx2"}.get(int(_load().anybit_has_q8())) if available() else None
 
 
 def set_isa(name: str) -> str:
@@ -172,9 +183,9 @@ def _prep_pot(module):
     return {"qweight": module.qweight.contiguous(), "scales": scales.contiguous(), "bias": _bias(module)}
 
 
-# INT weights at batch <= MAX_ROWS: int8 activations per block and VNNI dot products
-# (kernels_q8.inc), as llama.cpp runs Q4_0; where the CPU has AVX-512 VNNI and the group
-# size is a multiple of 64 (or per channel). The activations' rounding (int8 per block of
+# INT weights at batch <= MAX_ROWS: int8 activations per block and integer dot products
+# (kernels_q8.inc: AVX-512 VNNI, or AVX2 vpmaddubsw), as llama.cpp runs Q4_0; where the
+# group size is a multiple of 64 (or per channel). The activations' rounding (int8 per block of
 # 128 or the group) is the only difference from the float kernel; ANYBIT_INT_ACT8=0 keeps
 # float activations. Prefill and evaluation (more rows) dequantize and use BLAS, unchanged.
 INT_ACT8 = os.environ.get("ANYBIT_INT_ACT8", "1") != "0"

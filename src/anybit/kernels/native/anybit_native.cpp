@@ -40,8 +40,19 @@ namespace isa_avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt")
 namespace isa_vnni {
+#define Q8_ISA 2
 #include "kernels_q8.inc"
+#undef Q8_ISA
 }  // namespace isa_vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace isa_q8avx2 {
+#define Q8_ISA 1
+#include "kernels_q8.inc"
+#undef Q8_ISA
+}  // namespace isa_q8avx2
 #pragma GCC pop_options
 
 namespace dec_portable {
@@ -53,6 +64,13 @@ namespace dec_portable {
 namespace dec_avx512 {
 #include "kernels_decode.inc"
 }  // namespace dec_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace dec_avx2 {
+#include "kernels_decode.inc"
+}  // namespace dec_avx2
 #pragma GCC pop_options
 
 static int g_isa = -1;
@@ -109,11 +127,19 @@ void anybit_pot_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qweigh
     }
 }
 
-// 1 if the int8-activation kernels (AVX-512 VNNI) can run: the CPU has them and the
-// instruction set in use is AVX-512
-int anybit_has_q8(void) {
+// 1 if the CPU has AVX-512 VNNI (used where the instruction set in use is AVX-512)
+int anybit_cpu_vnni(void) {
     __builtin_cpu_init();
-    return anybit_get_isa() == 2 && __builtin_cpu_supports("avx512vnni");
+    return anybit_cpu_isa() == 2 && __builtin_cpu_supports("avx512vnni");
+}
+
+static bool use_vnni(void) { return anybit_get_isa() == 2 && anybit_cpu_vnni(); }
+
+// Which int8-activation kernel runs: 2 AVX-512 VNNI, 1 AVX2 (vpmaddubsw), 0 none (the
+// portable instruction set is in use)
+int anybit_has_q8(void) {
+    if (use_vnni()) return 2;
+    return anybit_get_isa() >= 1 ? 1 : 0;
 }
 
 // INT weights in the piece layout of kernels_q8.inc against int8-quantized activations;
@@ -122,16 +148,24 @@ int anybit_has_q8(void) {
 void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
                         int bits, int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs,
                         const float* bias, float* y, int nthreads, const uint8_t* table) {
-#define Q8(BITS)                                                                                                  \
-    case BITS:                                                                                                    \
-        if (table)                                                                                                \
-            isa_vnni::q8::gemm<BITS, true>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
-        else                                                                                                      \
-            isa_vnni::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
+#define Q8(NS, BITS)                                                                                            \
+    case BITS:                                                                                                  \
+        if (table)                                                                                              \
+            NS::q8::gemm<BITS, true>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table);  \
+        else                                                                                                    \
+            NS::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
         break;
-    switch (bits) {
-        Q8(2) Q8(3) Q8(4) Q8(5) Q8(6) Q8(7) Q8(8)
-        default: break;
+    if (use_vnni()) {
+        switch (bits) {
+            Q8(isa_vnni, 2) Q8(isa_vnni, 3) Q8(isa_vnni, 4) Q8(isa_vnni, 5) Q8(isa_vnni, 6) Q8(isa_vnni, 7) Q8(isa_vnni, 8)
+            default: break;
+        }
+    } else if (anybit_get_isa() >= 1) {
+        switch (bits) {
+            Q8(isa_q8avx2, 2) Q8(isa_q8avx2, 3) Q8(isa_q8avx2, 4) Q8(isa_q8avx2, 5) Q8(isa_q8avx2, 6) Q8(isa_q8avx2, 7)
+            Q8(isa_q8avx2, 8)
+            default: break;
+        }
     }
 #undef Q8
 }
@@ -166,6 +200,8 @@ void anybit_bitplane_gemm(const float* x, int64_t M, int64_t K, const uint64_t* 
 #define DISPATCH_DEC(call)                  \
     if (anybit_get_isa() == 2)              \
         dec_avx512::call;                   \
+    else if (anybit_get_isa() == 1)         \
+        dec_avx2::call;                     \
     else                                    \
         dec_portable::call;
 
