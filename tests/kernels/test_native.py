@@ -147,10 +147,13 @@ def test_bcq(isa, bits, group, fmt):
 @pytest.mark.parametrize("abits", [2, 6, 8])
 @pytest.mark.parametrize("act_group,asym", [(-1, True), (-1, False), ("w", False), ("w", True)])
 def test_bitplane(isa, wbits, levels, wsym, abits, act_group, asym):
+    """AND+popcount (AVX-512, portable, groups of 32 on AVX2) and the integer-dot kernel (AVX2:
+    groups of 64k, ragged last group, per channel with K not a multiple of 64)."""
     for n, k, m in SHAPES:
-        for group in (32, -1) if k != 576 else (128,):
+        for group in (32, 64, -1) if k != 576 else (128,):
             act = ActSpec(abits, group if act_group == "w" else -1, not asym)
             q = QuantLinear.from_linear(linear(n, k), FormatSpec("bitplane", wbits, group, wsym, levels), act=act)
+            assert native.bitplane_dots(q) == (isa == "avx2" and group != 32)
             check(q, m, k, rtol=1e-4)
 
 

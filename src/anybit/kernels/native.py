@@ -61,12 +61,14 @@ def _load():
         lib.anybit_has_q8.restype = c_int
         lib.anybit_cpu_vnni.restype = c_int
         lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int, p]
+        lib.anybit_bitplane_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int, i64,
+                                                p, p, c_int]
         lib.anybit_rmsnorm.argtypes = [p, p, c_float, p, i64, i64]
         lib.anybit_attn_decode.argtypes = [p, p, p, p, p, i64, i64, p, p, i64, i64, i64, c_float, p, p, c_float, p, p]
         lib.anybit_silu_mul.argtypes = [p, i64, i64, p]
         lib.anybit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, c_float, p]
         for f in ("anybit_decode_layers", "anybit_rmsnorm", "anybit_attn_decode", "anybit_silu_mul", "anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
-                  "anybit_int_q8_gemm"):
+                  "anybit_int_q8_gemm", "anybit_bitplane_q8_gemm"):
             getattr(lib, f).restype = None
         env = os.environ.get("ANYBIT_ISA")
         if env:
@@ -435,6 +437,47 @@ def _prep_bitplane(module):
             "wsum": padded.sum(-1).contiguous(), "bias": _bias(module)}
 
 
+# Bit-plane WxAy as integer dot products (kernels_q8.inc, bitplane_gemm): where the
+# instruction set in use is AVX2 (no VPOPCNTDQ: an AND+popcount per weight-plane x
+# activation-plane pair would be a scalar popcount), on the weight codes in the int8
+# kernel's piece layout. Needs groups that are a multiple of 64, or per-channel weights.
+# The same integers as AND+popcount, so the same outputs up to float summation order.
+# ANYBIT_BITPLANE_DOTS=0 keeps the AND+popcount kernel everywhere.
+BITPLANE_DOTS = os.environ.get("ANYBIT_BITPLANE_DOTS", "1") != "0"
+
+
+def bitplane_dots(module) -> bool:
+    """Whether this bit-plane module runs on the integer-dot kernel here."""
+    spec, act = module.spec, module.act
+    g, ng = _group(spec, module.in_features)
+    return (BITPLANE_DOTS and isa() == "avx2" and 2 <= spec.bits <= 8 and act.bits <= 8
+            and (ng == 1 or g % 64 == 0))
+
+
+def _prep_bitplane_dots(module):
+    spec = module.spec
+    n, k = module.shape
+    g, ng = _group(spec, k)
+    codes, scales, zeros = get_format("bitplane").unpack(module.packed(), spec, module.shape)
+    u = torch.nn.functional.pad(codes.to(torch.int64), (0, ng * g - k)).reshape(n, ng, g).sum(-1)
+    return {"w": q8_layout(codes.to(torch.uint8), spec.bits), "sw": scales.contiguous(),
+            "aw": zeros.float().contiguous(), "U": u.float().contiguous(), "bias": _bias(module)}
+
+
+def _bitplane_dots_linear(x: torch.Tensor, module) -> torch.Tensor:
+    act, spec = module.act, module.spec
+    n, k = module.shape
+    g, ng = _group(spec, k)
+    d = _cached(module, _prep_bitplane_dots)
+    xf = _flat(x, k)
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    _lib.anybit_bitplane_q8_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["w"]), d["w"].shape[1] // Q8_ROWS, n, spec.bits, g,
+                                 ng, _ptr(d["sw"]), _ptr(d["aw"]), _ptr(d["U"]), act.bits, int(not act.sym),
+                                 -1 if act.group_size == -1 else g, _ptr(d["bias"]), _ptr(y),
+                                 _threads(xf.shape[0] * n * k))
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
 def bitplane_supported(module) -> bool:
     """The AND+popcount kernel needs quantized activations, per token or in the weights' groups."""
     act = module.act
@@ -442,6 +485,8 @@ def bitplane_supported(module) -> bool:
 
 
 def bitplane_linear(x: torch.Tensor, module) -> torch.Tensor:
+    if bitplane_dots(module):
+        return _bitplane_dots_linear(x, module)
     act = module.act
     spec = module.spec
     n, k = module.shape
@@ -574,6 +619,12 @@ def lin_struct(item) -> LinStruct | None:
         d = _cached(item, _prep_bcq)
         return LinStruct(kind=1, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["planes"]), bits=spec.bits,
                          gsize=g, G=ng, Npad=d["npad"], alpha=_ptr(d["alpha"]), offset=_ptr(d["offset"]))
+    if spec.format == "bitplane" and bitplane_supported(item) and bitplane_dots(item):
+        d = _cached(item, _prep_bitplane_dots)
+        return LinStruct(kind=3, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["w"]),
+                         row_bytes=d["w"].shape[1] // Q8_ROWS, bits=spec.bits, gsize=g, G=ng, scales=_ptr(d["sw"]),
+                         szs=_ptr(d["aw"]), alpha=_ptr(d["U"]), abits=act.bits, asym=int(not act.sym),
+                         agroup=-1 if act.group_size == -1 else g)
     if spec.format == "bitplane" and bitplane_supported(item):
         d = _cached(item, _prep_bitplane)
         return LinStruct(kind=2, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["wplanes"]), bits=spec.bits,

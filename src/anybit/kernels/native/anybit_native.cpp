@@ -170,6 +170,22 @@ void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, 
 #undef Q8
 }
 
+// Bit-plane WxAy as integer dot products over unsigned weight codes in the piece layout
+// (kernels_q8.inc, bitplane_gemm); AVX2 or better (the instruction set in use must be >= 1).
+// aw: the zero point of u per (row, group); U: Σ u per (row, group).
+void anybit_bitplane_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
+                             int bits, int64_t gsize, int64_t G, const float* sw, const float* aw, const float* U,
+                             int abits, int asym, int64_t agroup, const float* bias, float* y, int nthreads) {
+    if (anybit_get_isa() < 1) return;
+#define BP(BITS) \
+    case BITS: isa_q8avx2::q8::bitplane_gemm<BITS>(x, M, K, w, row_bytes, N, gsize, G, sw, aw, U, abits, asym, agroup, bias, y, nthreads); break;
+    switch (bits) {
+        BP(2) BP(3) BP(4) BP(5) BP(6) BP(7) BP(8)
+        default: break;
+    }
+#undef BP
+}
+
 void anybit_dequant(int kind, const uint8_t* qweight, int64_t row_bytes, int64_t N, int64_t K, int bits, int zero,
                     int64_t gsize, int64_t G, const float* scales, const float* szs, float* out, int scratch_only,
                     int nthreads, float* checksum) {
@@ -223,7 +239,8 @@ void anybit_silu_mul(const float* gu, int64_t rows, int64_t n, float* out) {
 
 // One prepared linear of the native decoding step (native.lin_struct builds it): kind 0 the
 // int8-activation kernel (INT/PoT, possibly several layers fused along N), 1 BCQ (LUT-GEMM),
-// 2 bit-plane (quantized activations). Fields a kind does not use are zero.
+// 2 bit-plane (quantized activations; AND+popcount), 3 bit-plane as integer dot products
+// (scales: sw, szs: the zero points a, alpha: U = Σ u). Fields a kind does not use are zero.
 struct AnybitLin {
     int64_t kind, K, N, threads;
     const float* bias;
@@ -263,6 +280,10 @@ static inline void lin_call(const AnybitLin& p, const float* x, float* y) {
         case 1:
             anybit_bcq_gemm(x, 1, p.K, p.w, p.Npad, p.N, (int)p.bits, p.gsize, p.G, p.alpha, p.offset, p.bias, y,
                             (int)p.threads);
+            break;
+        case 3:
+            anybit_bitplane_q8_gemm(x, 1, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.scales, p.szs,
+                                    p.alpha, (int)p.abits, (int)p.asym, p.agroup, p.bias, y, (int)p.threads);
             break;
         default:
             anybit_bitplane_gemm(x, 1, p.K, reinterpret_cast<const uint64_t*>(p.w), p.Npad, p.N, (int)p.bits,
