@@ -135,12 +135,77 @@ def test_pot(isa, fmt, bits, group, table, monkeypatch):
         check(q, m, k)
 
 
+@pytest.fixture
+def bcq_float_tables():
+    """The float-table BCQ kernel on every ISA (AVX2 otherwise uses int8 tables: below)."""
+    native._lib.anybit_set_bcq_int8(0)
+    yield
+    native._lib.anybit_set_bcq_int8(int(os.environ.get("ANYBIT_BCQ_INT8", "1") != "0"))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("group", [32, 128, -1, 8])
 @pytest.mark.parametrize("fmt", ["bcq", "bcq16"])
-def test_bcq(isa, bits, group, fmt):
+def test_bcq(isa, bits, group, fmt, bcq_float_tables):
     for n, k, m in SHAPES:
         check(QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group), fit="greedy"), m, k)
+
+
+def _bcq_int8_emulation(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the AVX2 int8-table BCQ kernel computes, in float64: per chunk of 8 activations two
+    16-entry tables of Σ ±x (one per index nibble), rounded to int8 with one scale per weight
+    group (max Σ|x| over the group's 4-activation sets / 127); lookups summed as integers."""
+    n, k = q.shape
+    planes = q.planes.long()  # [bits, N, chunks]
+    chunks = planes.shape[2]
+    g = k if q.spec.group_size == -1 else q.spec.group_size
+    ng = q.alpha.shape[1]
+    cpg = chunks if ng == 1 else g // 8
+    alpha, offset = q.alpha.double(), q.offset.double()  # [N, G, bits], [N, G]
+    e = torch.arange(16)
+    signs = torch.stack([(e >> u) & 1 for u in range(4)], 1).double() * 2 - 1  # [16, 4]
+    out = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    for m in range(x.shape[0]):
+        xp = torch.nn.functional.pad(x[m].double(), (0, chunks * 8 - k)).view(chunks, 2, 4)
+        tables = xp @ signs.t()  # [chunks, 2, 16]
+        for gi in range(ng):
+            c0, c1 = gi * cpg, (chunks if gi == ng - 1 else (gi + 1) * cpg)
+            amax = xp[c0:c1].abs().sum(-1).max().float()
+            inv = 127.0 / amax if amax > 0 else torch.tensor(0.0)
+            tq = torch.round(tables[c0:c1].float() * inv).double()  # as the kernel: float32, round half even
+            st = (amax / 127.0).double()
+            b = planes[:, :, c0:c1]  # [bits, N, cc]
+            idx = torch.arange(c1 - c0)
+            s = tq[idx, 0][None, None].expand(b.shape[0], n, -1, 16).gather(3, (b & 15)[..., None])[..., 0] + \
+                tq[idx, 1][None, None].expand(b.shape[0], n, -1, 16).gather(3, (b >> 4)[..., None])[..., 0]
+            out[m] += (alpha[:, gi, :].t() * s.sum(-1)).sum(0) * st
+            out[m] += offset[:, gi] * x[m, c0 * 8: min(k, c1 * 8)].double().sum()
+    return out + (q.bias.double() if q.bias is not None else 0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("group", [32, 128, -1, 8, 24])
+def test_bcq_int8_tables(bits, group):
+    """AVX2's int8-table (vpshufb) BCQ kernel: equal to the emulation of its arithmetic, and
+    within the table rounding of the float reference; odd chunk counts per group (24, 8),
+    K not a multiple of 8, K long enough for the int16 flush (1536 / 8 > 128 chunks)."""
+    if native.cpu_isa() == "scalar":
+        pytest.skip("the int8-table BCQ kernel needs AVX2")
+    prev = native.isa()
+    native.set_isa("avx2")
+    try:
+        for n, k, m in SHAPES + [(19, 1536, 2), (33, 1100, 1)]:
+            q = QuantLinear.from_linear(linear(n, k), FormatSpec("bcq", bits, group), fit="greedy")
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k))
+            with kernels.use("native"):
+                out = q(x)
+            emu = _bcq_int8_emulation(q, x)
+            assert (out.double() - emu).abs().max() <= 1e-5 * emu.abs().max(), (bits, group, n, k, m)
+            with kernels.use("reference"):
+                ref = q(x)
+            assert (out - ref).norm() <= 0.03 * ref.norm()
+    finally:
+        native.set_isa(prev)
 
 
 @pytest.mark.parametrize("wbits,levels,wsym", [(2, 0, False), (3, 5, False), (4, 0, True), (6, 0, True), (8, 0, False)])

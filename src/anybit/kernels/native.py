@@ -60,6 +60,8 @@ def _load():
                                              c_int, i64, p, p, c_int]
         lib.anybit_has_q8.restype = c_int
         lib.anybit_cpu_vnni.restype = c_int
+        lib.anybit_set_bcq_int8.restype = c_int
+        lib.anybit_set_bcq_int8.argtypes = [c_int]
         lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int, p]
         lib.anybit_bitplane_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int, i64,
                                                 p, p, c_int]
@@ -70,6 +72,7 @@ def _load():
         for f in ("anybit_decode_layers", "anybit_rmsnorm", "anybit_attn_decode", "anybit_silu_mul", "anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
                   "anybit_int_q8_gemm", "anybit_bitplane_q8_gemm"):
             getattr(lib, f).restype = None
+        lib.anybit_set_bcq_int8(int(os.environ.get("ANYBIT_BCQ_INT8", "1") != "0"))
         env = os.environ.get("ANYBIT_ISA")
         if env:
             if env not in ISAS:

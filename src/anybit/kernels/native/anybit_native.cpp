@@ -13,6 +13,9 @@
 #include <cstring>
 #include <vector>
 
+// BCQ on AVX2: int8 tables looked up with vpshufb (1) or the float tables with gathers (0)
+static int g_bcq_int8 = 1;
+
 namespace isa_scalar {
 #define ANYBIT_ISA 0
 #include "kernels_impl.inc"
@@ -197,6 +200,11 @@ void anybit_dequant(int kind, const uint8_t* qweight, int64_t row_bytes, int64_t
     } else {
         DISPATCH(dequant_rows<2>(qweight, row_bytes, N, K, bits, zero, gsize, G, scales, szs, out, scratch_only, nthreads, checksum))
     }
+}
+
+int anybit_set_bcq_int8(int on) {
+    g_bcq_int8 = on ? 1 : 0;
+    return g_bcq_int8;
 }
 
 void anybit_bcq_gemm(const float* x, int64_t M, int64_t K, const uint8_t* planesT, int64_t Npad, int64_t N, int q,
