@@ -85,7 +85,7 @@ Q8_CASES = [("int", b, s) for b in (2, 3, 4, 5, 6, 7, 8) for s in (False, True)]
 
 
 @pytest.mark.parametrize("fmt,bits,sym", Q8_CASES)
-@pytest.mark.parametrize("group", [64, 128, 256, -1])
+@pytest.mark.parametrize("group", [64, 128, 256, -1, 32, 96])
 def test_int_int8_activations(isa, fmt, bits, sym, group):
     """INT weights against int8 activations (AVX-512 VNNI where the CPU has it and avx512 is
     in use, else AVX2 vpmaddubsw): equal to the emulation of its arithmetic, and within the
@@ -95,6 +95,8 @@ def test_int_int8_activations(isa, fmt, bits, sym, group):
         assert not native._lib.anybit_has_q8()
         pytest.skip("the int8-activation kernels need AVX2")
     assert native._lib.anybit_has_q8() == (2 if isa == "avx512" and native.has_vnni() else 1)
+    if group in (32, 96) and native.q8_kernel() != "avx2":
+        pytest.skip("blocks of 32 are the AVX2 kernel's")
     for n, k, m in [(37, 576, 1), (5, 200, 3), (19, 1536, 5), (4, 64, 2), (9, 300, 4)]:
         opts = {"grid": (0.5, 0.8, 1.0)} if fmt != "int" else {}
         q = QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group, sym), **opts)
@@ -113,7 +115,11 @@ def test_int8_activation_path_only_where_it_applies():
     assert native.pot_levels(FormatSpec("pot", 4, 128)) is None  # ±128 does not fit a byte: the float kernel
     assert native.pot_levels(FormatSpec("pot", 3, 128)) == ([1, 2, 4, 8, -1, -2, -4, -8], 8)
     assert native.pot_levels(FormatSpec("potz", 3, 128)) == ([0, 1, 2, 4, 0, -1, -2, -4], 4)
-    assert native.q8_block(FormatSpec("int", 4, 32), 576) is None  # groups below 64: the float kernel
+    # groups of 32 (96, ...): the AVX2 int8 kernel, else the float kernel
+    g32 = 32 if native.q8_kernel() == "avx2" else None
+    assert native.q8_block(FormatSpec("int", 4, 32), 576) == g32
+    assert native.q8_block(FormatSpec("int", 4, 96), 576) == g32
+    assert native.q8_block(FormatSpec("int", 4, 16), 576) is None
     assert native.q8_block(FormatSpec("int", 4, 50), 100) is None
     assert native.q8_block(FormatSpec("int", 4, 64), 576) == 64
     assert native.q8_block(FormatSpec("int", 4, 256), 576) == 128
@@ -238,9 +244,9 @@ def test_pot_dequantize_kernel_is_bit_exact_and_int_matches():
 
 @pytest.mark.parametrize("fmt", ["int", "pot", "bcq"])
 def test_large_batches_dequantize_then_blas(fmt):
-    """Above MAX_ROWS rows: a dequantized weight and BLAS (no cached float copy for INT/PoT)."""
+    """Above MAX_ROWS (and the int8 kernel's) rows: a dequantized weight and BLAS (no cached float copy for INT/PoT)."""
     q = QuantLinear.from_linear(linear(8, 64), FormatSpec(fmt, 3, 32))
-    x = torch.randn(native.MAX_ROWS + 1, 64)
+    x = torch.randn(native.q8_rows() + 1, 64)  # above the int8 kernel's rows too
     with kernels.use("reference"):
         ref = q(x)
     q._dequant_cache = None

@@ -199,11 +199,15 @@ Q8_PIECES = {8: ((8, 0),), 7: ((4, 0), (2, 4), (1, 6)), 6: ((4, 0), (2, 4)), 5: 
 
 
 def q8_block(spec, k: int) -> int | None:
-    """The activation block of the int8 kernel for this layer, or None if it does not apply."""
+    """The activation block of the int8 kernel for this layer, or None if it does not apply:
+    128 or the group (a multiple of 64); 32 for groups that are a multiple of 32 only on the
+    AVX2 kernel (the AVX-512 VNNI one works on 64-code chunks)."""
     g = k if spec.group_size == -1 else spec.group_size
     if spec.group_size == -1 or g % 128 == 0:
         return 128
-    return g if g % 64 == 0 else None
+    if g % 64 == 0:
+        return g
+    return 32 if g % 32 == 0 and q8_kernel() == "avx2" else None
 
 
 def pot_levels(spec) -> tuple[list[int], int] | None:

@@ -158,7 +158,7 @@ void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, 
         else                                                                                                    \
             NS::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
         break;
-    if (use_vnni()) {
+    if (use_vnni() && B % 64 == 0) {  // blocks of 32: the AVX2 kernel (AVX-512 CPUs have AVX2)
         switch (bits) {
             Q8(isa_vnni, 2) Q8(isa_vnni, 3) Q8(isa_vnni, 4) Q8(isa_vnni, 5) Q8(isa_vnni, 6) Q8(isa_vnni, 7) Q8(isa_vnni, 8)
             default: break;
