@@ -8,6 +8,8 @@
 # next block), so the script can be re-run until it completes; the calls are in priority
 # order: the finished cells first, then the cheap rows (minutes each),
 # then the trained ones (hours). Run from the repository root; one heavy job at a time.
+# GPTQ/GPTQT rows name their column order and dampening: the method defaults became act-order
+# and 0.05 on 2026-12-05 (chosen by this grid); the rows before ran with natural order and 0.01.
 set -e
 export ANYBIT_DATA=${ANYBIT_DATA:-../shared/data}
 A=.venv/bin/anybit
@@ -15,7 +17,7 @@ W="smollm2-135m --calib c4 --nsamples 32 --seqlen 512 --eval wikitext2 --eval-se
 # PoTPTQ W3 g128, zero level (potz, the default), 10 epochs
 $A compare $W --methods potptq --schemes W3A16G128
 # GPTQ column order at W3 g128 (damp 0.01): natural, act-order, group-aware reordering; RTN
-$A compare $W --methods rtn,gptq:order=none,gptq:order=act,gptq:order=gar --schemes W3A16G128,W4A16G128
+$A compare $W --methods rtn,gptq:order=none:damp_percent=0.01,gptq:order=act:damp_percent=0.01,gptq:order=gar:damp_percent=0.01 --schemes W3A16G128,W4A16G128
 # ABQ-LLM W4A4, weights per channel as the official scripts, 20 epochs
 $A compare $W --methods abq --schemes W4A4G-1
 # FlexQ: W6A6 with the sensitivity ranking, with the official rule (every down_proj at A8), W6A16
@@ -26,13 +28,13 @@ $A compare $W --methods rtn,smoothquant --schemes W4A4G-1,W6A6G-1,W2A8G-1
 # GPTQ: dampening 0.05 (the default is 0.01), with act-order (the best order at W3 and W4 above) and natural
 $A compare $W --methods gptq:order=act:damp_percent=0.05,gptq:order=none:damp_percent=0.05 --schemes W3A16G128
 # GPTQ: the symmetric grid, absmax/(2^(b-1)-1) (ours) vs 2*absmax/(2^b-1) around zero 2^(b-1) (GPTQ's, 'range')
-$A compare $W --methods gptq:order=act:sym=true,gptq:order=act:sym=true:sym_rule=range --schemes W4A16G128,W3A16G128
+$A compare $W --methods gptq:order=act:sym=true:damp_percent=0.01,gptq:order=act:sym=true:sym_rule=range:damp_percent=0.01 --schemes W4A16G128,W3A16G128
 # 2-bit weight-only baselines
-$A compare $W --methods rtn,gptq:order=none,gptq:order=act --schemes W2A16G64,W2A16G128
+$A compare $W --methods rtn,gptq:order=none:damp_percent=0.01,gptq:order=act:damp_percent=0.01 --schemes W2A16G64,W2A16G128
 # GPTQT with a float32 and with a float16 offset
-$A compare $W --methods gptqt:scale_grid=0.9/0.95/1.0,gptqt:scale_grid=0.9/0.95/1.0:offset16=true --schemes W3A16G128,W2A16G64
+$A compare $W --methods gptqt:scale_grid=0.9/0.95/1.0:order=none:damp_percent=0.01,gptqt:scale_grid=0.9/0.95/1.0:offset16=true:order=none:damp_percent=0.01 --schemes W3A16G128,W2A16G64
 # GPTQ at equal storage with GPTQT (INT3 g32 ~ 3.6 b/w, INT2 g32)
-$A compare $W --methods gptq:order=none,gptq:order=act --schemes W3A16G32,W2A16G32
+$A compare $W --methods gptq:order=none:damp_percent=0.01,gptq:order=act:damp_percent=0.01 --schemes W3A16G32,W2A16G32
 # ABQ-LLM W2*A8 (bit balance), 40 epochs
 $A compare $W --methods abq --schemes 'W2*A8G-1'
 # PoTPTQ: the paper's 2-bit ablation at g64 (40 epochs)

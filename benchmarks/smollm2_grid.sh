@@ -4,12 +4,13 @@
 # skips finished cells), then the two reports with the paper column.
 # Run from the repository root after the README's install command. The cells took
 # 5-60 min each on the 2-core reference machine (quantize times in the reports).
+# GPTQ/GPTQT rows name their column order and dampening (the defaults until 2026-12-05).
 set -e
 export ANYBIT_DATA=${ANYBIT_DATA:-../shared/data}
 A=.venv/bin/anybit
 W="smollm2-135m --calib c4 --nsamples 32 --seqlen 512 --eval wikitext2 --eval-seqlen 2048 --max-windows 40 --kl-windows 4 --out benchmarks/results/smollm2"
-$A compare $W --methods rtn,gptq --schemes W4A16G128,W3A16G128,W2A16G64
-$A compare $W --methods gptqt:scale_grid=0.9/0.95/1.0 --schemes W3A16G128,W2A16G64
+$A compare $W --methods rtn,gptq:order=none:damp_percent=0.01 --schemes W4A16G128,W3A16G128,W2A16G64
+$A compare $W --methods gptqt:scale_grid=0.9/0.95/1.0:order=none:damp_percent=0.01 --schemes W3A16G128,W2A16G64
 $A compare $W --methods bcq:fit=greedy,bcq:fit=alternating --schemes W3A16G128,W2A16G64
 # PoTPTQ with the plain pot format (no zero level; the only format when these ran)
 $A compare $W --methods potptq:zero_level=false:epochs=2 --schemes W3A16G128
