@@ -50,3 +50,52 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
     except AttributeError:
         pass
+
+
+_MADV_DONTNEED = 4
+_PAGE = 4096
+
+
+def _file_private_maps() -> list[tuple[int, int]]:
+    """Address ranges of this process's private (copy-on-write) file mappings."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[1][3] == "p" and parts[5].strip().startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return out
+
+
+def drop_file_pages(tensors) -> int:
+    """Drop the resident pages of tensors that are private memory maps of a file (the
+    checkpoint's packed weights: io.checkpoint.read_safetensors_mmap) and return how many
+    bytes were released. Their contents stay valid: a later read faults the pages in again
+    from the file. Tensors in anonymous memory (made in this process) are never touched
+    (``MADV_DONTNEED`` would zero them); neither is a map whose pages were written (it is
+    only called on packed weights nothing writes). Used once a kernel has its own copy of a
+    layer in another layout, so that a loaded model does not keep both resident."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return 0
+    maps = None
+    freed = 0
+    for t in tensors:
+        if t is None or t.numel() == 0 or t.device.type != "cpu":
+            continue
+        start = t.untyped_storage().data_ptr()
+        end = start + t.untyped_storage().nbytes()
+        if maps is None:
+            maps = _file_private_maps()
+        m = next(((lo, hi) for lo, hi in maps if lo <= start and end <= hi), None)
+        if m is None:
+            continue
+        a = max(m[0], start & ~(_PAGE - 1))  # whole pages: the map is this tensor's alone
+        b = min(m[1], (end + _PAGE - 1) & ~(_PAGE - 1))
+        if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
+            freed += b - a
+    return freed

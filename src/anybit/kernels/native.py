@@ -27,6 +27,7 @@ from ctypes import c_float, c_int, c_int64, c_void_p
 
 import torch
 
+from ..allocator import drop_file_pages
 from ..formats import get_format
 from ..formats import int as intfmt
 from ..formats import pot as potfmt
@@ -144,8 +145,22 @@ def _cached(module, build):
         module._native_cache = cached
     layouts = cached[1]
     if build not in layouts:
-        layouts[build] = build(module)
+        layouts[build] = built = build(module)
+        if build in _OWN_COPY:
+            # the kernel reads its own copy: the checkpoint's pages of the packed tensors need
+            # not stay resident next to it (peak RSS ~ one copy of the weights, not two)
+            keep = {t.untyped_storage().data_ptr() for t in built.values() if isinstance(t, torch.Tensor)}
+            drop_file_pages(t for t in module.packed().values() if t.untyped_storage().data_ptr() not in keep)
     return layouts[build]
+
+
+def _own_copy(build):
+    """Mark a layout builder whose result holds every byte its kernel reads (see _cached)."""
+    _OWN_COPY.add(build)
+    return build
+
+
+_OWN_COPY: set = set()
 
 
 def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -239,7 +254,16 @@ Q8_ROWS = 4  # rows per block of the layout (kernels_q8.inc: R)
 
 def q8_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``uint8 [N, K]`` in the piece layout of kernels_q8.inc: blocks of 4 rows,
-    ``uint8 [ceil(N/4), 4·row_bytes]``, each piece's units interleaved row by row."""
+    ``uint8 [ceil(N/4), 4·row_bytes]``, each piece's units interleaved row by row. Built
+    in slices of rows so that the int32 temporaries stay small (a 49152-row head would
+    take several 100+ MB ones at once)."""
+    step = Q8_ROWS * max(1, (1 << 20) // max(codes.shape[1], 1))
+    if codes.shape[0] > step:
+        return torch.cat([_q8_layout(codes[i: i + step], bits) for i in range(0, codes.shape[0], step)], 0)
+    return _q8_layout(codes, bits)
+
+
+def _q8_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n, k = codes.shape
     c = -(-k // 64)
     nb = -(-n // Q8_ROWS)
@@ -262,6 +286,7 @@ def q8_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts, 1).contiguous()
 
 
+@_own_copy
 def _prep_int_q8(module):
     spec = module.spec
     if spec.format == "int":
@@ -386,6 +411,7 @@ def _pad_rows(t: torch.Tensor, npad: int, dim: int) -> torch.Tensor:
     return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim)
 
 
+@_own_copy
 def _prep_bcq(module):
     n, k = module.shape
     q = module.spec.bits
@@ -418,6 +444,7 @@ def bcq_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- bit-plane
 
+@_own_copy
 def _prep_bitplane(module):
     spec = module.spec
     n, k = module.shape
@@ -461,6 +488,7 @@ def bitplane_dots(module) -> bool:
             and (ng == 1 or g % 64 == 0))
 
 
+@_own_copy
 def _prep_bitplane_dots(module):
     spec = module.spec
     n, k = module.shape
@@ -556,6 +584,8 @@ class Q8Plan:
             bias = torch.cat([p["bias"] if p["bias"] is not None else torch.zeros(s) for p, s in zip(parts, self.sizes)])
         g, ng = _group(spec, k)
         self._keep = (w, scales, szs, bias, parts[0]["table"])
+        keep = {t.untyped_storage().data_ptr() for t in self._keep if t is not None}
+        drop_file_pages(t for m in modules for t in m.packed().values() if t.untyped_storage().data_ptr() not in keep)
         self.args = (k, _ptr(w), w.shape[1] // Q8_ROWS, n, spec.bits, g, ng, q8_block(spec, k), _ptr(scales),
                      _ptr(szs), _ptr(bias))
         self.table = _ptr(parts[0]["table"])

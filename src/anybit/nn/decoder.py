@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..allocator import release_freed_memory
 from ..formats.activation import fake_quantize
 from ..kernels import native
 
@@ -132,6 +133,9 @@ class StaticDecoder:
         self.v_cache = torch.zeros(shape, dtype=dtype)
         self.pos = 0
         self.fast = self._fast_tables() if plans else None
+        # the plans' temporaries (code unpacking, layout building) are freed by now; hand the
+        # heap's free pages back so that they do not count in the decoding process's RSS
+        release_freed_memory()
 
     def _fast_tables(self):
         """The layer table of the native decoding step (one token, the whole stack in one C
