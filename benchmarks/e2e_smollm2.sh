@@ -4,7 +4,8 @@
 # to the nearest types, all from `anybit bench e2e --against llama.cpp` (alternating rounds,
 # medians). The quantized heads are INT8 (--lm-head-bits 8), as llama.cpp keeps SmolLM2's tied
 # embedding/output in Q8_0. Speed does not depend on the method that chose the codes, so the
-# cheapest method of each format is used (RTN; PoTPTQ's data-free init; GPTQT on 16 windows).
+# cheapest method of each format is used (RTN; PoTPTQ's data-free init; BCQ fitted from the
+# float weights, the format GPTQT also writes).
 #
 #   bash benchmarks/e2e_smollm2.sh [OUT_JSONL]     (needs the [bench] extra; nothing else running)
 set -euo pipefail
@@ -17,7 +18,7 @@ declare -A CMD=(
   [int3g128]="--method rtn --wbits 3 --group-size 128"
   [int2g64]="--method rtn --wbits 2 --group-size 64"
   [pot3g128]="--method potptq --wbits 3 --group-size 128 --steps init"
-  [bcq3g128]="--method gptqt --wbits 3 --group-size 128 --nsamples 16"
+  [bcq3g128]="--method bcq --wbits 3 --group-size 128"
   [w6a6]="--method rtn --wbits 6 --abits 6 --group-size -1"
   [w4a8]="--method rtn --wbits 4 --abits 8 --group-size -1"
 )
