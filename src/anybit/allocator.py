@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _allocator_tuned = False
@@ -99,3 +100,19 @@ def drop_file_pages(tensors) -> int:
         if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
             freed += b - a
     return freed
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could give this process now (``MemAvailable``; None where unknown).
+    ``ANYBIT_MEM_AVAILABLE_GIB`` overrides it (tests; a budget below the machine's)."""
+    forced = os.environ.get("ANYBIT_MEM_AVAILABLE_GIB")
+    if forced:
+        return int(float(forced) * (1 << 30))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -78,6 +78,12 @@ class Job:
         method.validate(self.config)
         if self.out and os.path.exists(self.out) and not self.overwrite:
             raise AnybitError(f"output folder {self.out} already exists; choose another --out or pass --overwrite")
+        if not self.stream and self._too_big_for_memory():
+            if method.streams and self.out is not None and not self.eval_before:
+                self.stream = True
+                self.log("anybit: the float model does not fit in the memory available now: streaming it "
+                         "block by block (as --stream)")
+            # otherwise the loader refuses it with a one-line error that says what to do
         if self.stream:
             if not method.streams:
                 raise AnybitError(f"--stream: {self.config.method} needs the whole model at once; drop --stream "
@@ -87,6 +93,26 @@ class Job:
             if self.eval_before:
                 raise AnybitError("--stream never holds the float model whole: no perplexity before quantizing")
         return method
+
+    def _too_big_for_memory(self) -> bool:
+        """Whether the float model (a local safetensors folder) is larger than the memory
+        available now."""
+        from .allocator import available_memory
+        from .models.loader import BUILTIN, float_model_bytes, resolve_builtin
+
+        if self.model is None:
+            return False
+        try:
+            folder = resolve_builtin(self.model.lower()) if self.model.lower() in BUILTIN else Path(self.model)
+        except AnybitError:
+            return False  # the loader says what is missing
+        if not folder.is_dir():
+            return False
+        cfg = folder / "config.json"
+        if cfg.is_file() and "quantization_config" in cfg.read_text(errors="replace"):
+            return False  # a quantized folder loads memory-mapped
+        need, have = float_model_bytes(folder), available_memory()
+        return need is not None and have is not None and need > have
 
     def load(self):
         """The model and tokenizer (a :class:`anybit.models.LoadedModel`)."""

@@ -219,8 +219,9 @@ def test_bcq_int8_tables(bits, group):
 @pytest.mark.parametrize("act_group,asym", [(-1, True), (-1, False), ("w", False), ("w", True)])
 def test_bitplane(isa, wbits, levels, wsym, abits, act_group, asym):
     """AND+popcount (AVX-512, portable, groups of 32 on AVX2) and the integer-dot kernel (AVX2:
-    groups of 64k, ragged last group, per channel with K not a multiple of 64)."""
-    for n, k, m in SHAPES:
+    groups of 64k, ragged last group, per channel with K not a multiple of 64); 5 and 20 rows:
+    the integer-dot kernel's unpacked-block buffer (a prompt's rows)."""
+    for n, k, m in SHAPES + [(9, 300, 5), (13, 200, 20)]:
         for group in (32, 64, -1) if k != 576 else (128,):
             act = ActSpec(abits, group if act_group == "w" else -1, not asym)
             q = QuantLinear.from_linear(linear(n, k), FormatSpec("bitplane", wbits, group, wsym, levels), act=act)
@@ -244,7 +245,8 @@ def test_pot_dequantize_kernel_is_bit_exact_and_int_matches():
 
 @pytest.mark.parametrize("fmt", ["int", "pot", "bcq"])
 def test_large_batches_dequantize_then_blas(fmt):
-    """Above MAX_ROWS (and the int8 kernel's) rows: a dequantized weight and BLAS (no cached float copy for INT/PoT)."""
+    """Above MAX_ROWS (and the int8 kernel's) rows: a dequantized weight in the scratch buffer
+    and BLAS (no float copy cached on the layer, BCQ included)."""
     q = QuantLinear.from_linear(linear(8, 64), FormatSpec(fmt, 3, 32))
     x = torch.randn(native.q8_rows() + 1, 64)  # above the int8 kernel's rows too
     with kernels.use("reference"):
@@ -252,7 +254,7 @@ def test_large_batches_dequantize_then_blas(fmt):
     q._dequant_cache = None
     with kernels.use("native"):
         assert torch.allclose(q(x), ref, rtol=1e-5, atol=1e-6)
-    assert (q._dequant_cache is None) == (fmt != "bcq")
+    assert q._dequant_cache is None
 
 
 def test_bad_isa_setting_warns_once_and_falls_back():
@@ -291,3 +293,21 @@ def test_tensors_off_the_cpu_never_reach_the_native_kernels():
         m = QuantLinear(64, 32, FormatSpec(fmt, 3, 32), device="meta")
         y = m(torch.randn(1, 64, device="meta"))
         assert y.shape == (1, 32) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("group", [8, 64, -1])
+def test_bcq_dequantize_and_long_prompts(bits, group):
+    """BCQ's table-lookup dequantize kernel (prompts longer than the LUT-GEMM takes: the float
+    weight goes to the scratch buffer, none stays cached on the layer) against the format's own
+    dequantize; odd N and K."""
+    for n, k in [(37, 200), (5, 72), (64, 576)]:
+        q = QuantLinear.from_linear(linear(n, k), FormatSpec("bcq", bits, group))
+        w = native.bcq_dequantize(q)
+        torch.testing.assert_close(w, q.dequantize_weight(), rtol=1e-6, atol=1e-6)
+        m = native.MAX_ROWS + 5
+        check(q, m, k)
+        q._dequant_cache = None  # the reference run in check() caches its float weight
+        with kernels.use("native"):
+            q(torch.randn(m, k))
+        assert q._dequant_cache is None

@@ -111,3 +111,27 @@ def test_mmap_reader_matches_safetensors_and_refuses_malformed_files(tmp_path):
         (tmp_path / "bad.safetensors").write_bytes(bad)
         with pytest.raises(ValueError):
             read_safetensors_mmap(tmp_path / "bad.safetensors")
+
+
+@needs_stories
+def test_a_model_larger_than_the_available_memory_streams_or_is_refused(tmp_path, monkeypatch):
+    # the check reads the safetensors headers only: stories260K is ~1 MB as float32
+    from anybit.models.loader import float_model_bytes, resolve_builtin
+
+    need = float_model_bytes(resolve_builtin("stories260k"))
+    assert 0.5e6 < need < 2e6
+    monkeypatch.setenv("ANYBIT_MEM_AVAILABLE_GIB", str(need / 2 / 2**30))
+    logs = []
+    cfg = anybit.QuantConfig(method="rtn", seed=0, lm_head_bits=8, **SCHEMES["rtn"])
+    anybit.Job("stories260k", cfg, out=str(tmp_path / "auto"), progress=False, log=logs.append).run()
+    assert any("as --stream" in m for m in logs), logs
+    assert (tmp_path / "auto" / INDEX).is_file()  # written block by block
+    monkeypatch.delenv("ANYBIT_MEM_AVAILABLE_GIB")
+    _job("rtn", tmp_path / "ref", stream=True)
+    _same_tensors(tmp_path / "auto", tmp_path / "ref")
+    # what cannot stream (an evaluation of the float model) is refused in one line
+    r = subprocess.run([sys.executable, "-m", "anybit.cli", "eval", "stories260k", "--max-windows", "1"],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "ANYBIT_MEM_AVAILABLE_GIB": str(need / 2 / 2**30)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--stream" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -57,6 +57,7 @@ def _load():
         lib.anybit_pot_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, p, p, p, c_int, c_int]
         lib.anybit_dequant.argtypes = [c_int, p, i64, i64, i64, c_int, c_int, i64, i64, p, p, p, c_int, c_int, p]
         lib.anybit_bcq_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, p, c_int]
+        lib.anybit_bcq_dequant.argtypes = [p, i64, i64, i64, c_int, i64, i64, p, p, p, c_int]
         lib.anybit_bitplane_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, c_int, i64, i64, i64, p, p, p, c_int,
                                              c_int, i64, p, p, c_int]
         lib.anybit_has_q8.restype = c_int
@@ -71,7 +72,7 @@ def _load():
         lib.anybit_silu_mul.argtypes = [p, i64, i64, p]
         lib.anybit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, c_float, p]
         for f in ("anybit_decode_layers", "anybit_rmsnorm", "anybit_attn_decode", "anybit_silu_mul", "anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
-                  "anybit_int_q8_gemm", "anybit_bitplane_q8_gemm"):
+                  "anybit_int_q8_gemm", "anybit_bitplane_q8_gemm", "anybit_bcq_dequant"):
             getattr(lib, f).restype = None
         lib.anybit_set_bcq_int8(int(os.environ.get("ANYBIT_BCQ_INT8", "1") != "0"))
         env = os.environ.get("ANYBIT_ISA")
@@ -431,7 +432,23 @@ def bcq_supported(module) -> bool:
     return not module.act.enabled and (g == -1 or g % 8 == 0)
 
 
+def bcq_dequantize(module, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight of a BCQ QuantLinear (the table-lookup kernel), into ``out`` if given."""
+    n, k = module.shape
+    g, ng = _group(module.spec, k)
+    planes = module.planes.contiguous()
+    alpha, offset = module.alpha.float().contiguous(), module.offset.float().contiguous()
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    _lib.anybit_bcq_dequant(_ptr(planes), planes.shape[2], n, k, module.spec.bits, g, ng, _ptr(alpha), _ptr(offset),
+                            _ptr(out), _threads(n * k))
+    return out
+
+
 def bcq_linear(x: torch.Tensor, module) -> torch.Tensor:
+    if _too_many_rows(x, module.in_features):  # a prompt: dequantize into the scratch weight + BLAS
+        w = bcq_dequantize(module, out=_scratch_weight(*module.shape))
+        return torch.nn.functional.linear(x, w.to(x.dtype), module.bias)
     d = _cached(module, _prep_bcq)
     n, k = module.shape
     g, ng = _group(module.spec, k)
@@ -547,11 +564,14 @@ def weight_only_supported(x: torch.Tensor, module) -> bool:
 
 
 def bcq_call_supported(x: torch.Tensor, module) -> bool:
-    return _on_cpu(x) and bcq_supported(module) and not _too_many_rows(x, module.in_features)
+    return _on_cpu(x) and bcq_supported(module)  # many rows: bcq_dequantize + BLAS
 
 
 def bitplane_call_supported(x: torch.Tensor, module) -> bool:
-    return _on_cpu(x) and bitplane_supported(module) and not _too_many_rows(x, module.in_features, MAX_ROWS_BITPLANE)
+    # the integer-dot kernel costs what the INT int8 GEMM costs, so it takes the prompts that
+    # one takes (and the reference's float copy of the weight stays out of memory)
+    limit = q8_rows() if bitplane_supported(module) and bitplane_dots(module) else MAX_ROWS_BITPLANE
+    return _on_cpu(x) and bitplane_supported(module) and not _too_many_rows(x, module.in_features, limit)
 
 
 # format -> (kernel, whether it runs a call); kernels/__init__.py asks the second first

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -121,8 +122,51 @@ def _check_config(config_path: Path) -> dict:
     return config
 
 
+def float_model_bytes(folder: Path, dtype: torch.dtype = torch.float32) -> int | None:
+    """Bytes the model in ``folder`` takes loaded as ``dtype``, from its safetensors headers
+    alone (nothing else is read); None where there are no readable safetensors headers."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        numel = 0
+        for name in files:
+            with open(folder / name, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n < (1 << 28):
+                    return None
+                header = json.loads(f.read(n))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    numel += math.prod(entry["shape"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # the loader reports a corrupt folder itself
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def check_fits(folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse, before loading, a float model larger than the memory available now (the
+    alternative is the kernel's OOM killer, minutes later): a one-line error that says to
+    stream it."""
+    from ..allocator import available_memory
+
+    need, have = float_model_bytes(folder, dtype), available_memory()
+    if need is None or have is None or need <= have:
+        return
+    from ..methods import METHODS
+
+    streaming = ", ".join(n for n, m in METHODS.items() if m.streams)
+    raise AnybitError(
+        f"{folder} needs {need / 2**30:.1f} GiB as {str(dtype).replace('torch.', '')} and {have / 2**30:.1f} GiB "
+        f"are available: quantize it block by block with `anybit quantize {folder} --method M --stream --out DIR` "
+        f"(M: {streaming}), then use the quantized folder")
+
+
 def _load_hf_folder(path: Path | str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(path, Path):
+        check_fits(path, dtype)
 
     with _quiet():
         try:
