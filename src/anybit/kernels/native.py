@@ -139,7 +139,8 @@ def _cached(module, build):
     """The kernel layout ``build`` makes of ``module``'s packed tensors, rebuilt when they
     change (one entry per layout: a module can serve the int8 kernel in decoding and the
     dequantize kernel in prefill)."""
-    key = module.packed_key()
+    # the int8 kernel in use is part of the key: layouts differ between VNNI and AVX2
+    key = (module.packed_key(), _lib.anybit_has_q8())
     cached = getattr(module, "_native_cache", None)
     if cached is None or cached[0] != key:
         cached = (key, {})
@@ -253,18 +254,25 @@ def _q8_usable(module) -> bool:
 Q8_ROWS = 4  # rows per block of the layout (kernels_q8.inc: R)
 
 
-def q8_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def q8_layout(codes: torch.Tensor, bits: int, masks: bool = False) -> torch.Tensor:
     """Codes ``uint8 [N, K]`` in the piece layout of kernels_q8.inc: blocks of 4 rows,
-    ``uint8 [ceil(N/4), 4·row_bytes]``, each piece's units interleaved row by row. Built
-    in slices of rows so that the int32 temporaries stay small (a 49152-row head would
-    take several 100+ MB ones at once)."""
+    ``uint8 [ceil(N/4), 4·row_bytes]``, each piece's units interleaved row by row; 1-bit
+    pieces as 64-bit masks (``masks``: the AVX-512 VNNI kernel) or in 64-byte lines of 8
+    chunks (the AVX2 kernel). Built in slices of rows so that the int32 temporaries stay
+    small (a 49152-row head would take several 100+ MB ones at once)."""
     step = Q8_ROWS * max(1, (1 << 20) // max(codes.shape[1], 1))
     if codes.shape[0] > step:
-        return torch.cat([_q8_layout(codes[i: i + step], bits) for i in range(0, codes.shape[0], step)], 0)
-    return _q8_layout(codes, bits)
+        return torch.cat([_q8_layout(codes[i: i + step], bits, masks) for i in range(0, codes.shape[0], step)], 0)
+    return _q8_layout(codes, bits, masks)
 
 
-def _q8_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def _q8_masks(spec, k: int) -> bool:
+    """Whether the int8 kernel that runs this layer reads 1-bit pieces as masks (VNNI; blocks
+    of 32 go to the AVX2 kernel there too)."""
+    return q8_kernel() == "vnni" and q8_block(spec, k) % 64 == 0
+
+
+def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
     n, k = codes.shape
     c = -(-k // 64)
     nb = -(-n // Q8_ROWS)
@@ -274,7 +282,7 @@ def _q8_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
         v = (codes >> shift) & ((1 << width) - 1)  # [blocks, R, C, 64]
         if width == 8:
             units = v  # unit = a chunk of 64 bytes
-        elif width == 1:
+        elif width == 1 and masks:
             bits8 = v.view(nb, Q8_ROWS, c, 8, 8).to(torch.int32)  # [.., chunk, byte i, bit t] = code 8i + t
             units = (bits8 << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)  # [.., C, 8]
         else:
@@ -300,7 +308,8 @@ def _prep_int_q8(module):
         zeros = torch.full_like(scales, float(z))
         table = torch.zeros(16, dtype=torch.uint8)
         table[: len(levels)] = torch.tensor([v + z for v in levels], dtype=torch.uint8)
-    return {"w": q8_layout(codes, spec.bits), "scales": scales.contiguous(), "szs": (scales * zeros).contiguous(),
+    masks = _q8_masks(spec, module.in_features)
+    return {"w": q8_layout(codes, spec.bits, masks), "scales": scales.contiguous(), "szs": (scales * zeros).contiguous(),
             "bias": _bias(module), "table": table}
 
 
@@ -512,7 +521,7 @@ def _prep_bitplane_dots(module):
     g, ng = _group(spec, k)
     codes, scales, zeros = get_format("bitplane").unpack(module.packed(), spec, module.shape)
     u = torch.nn.functional.pad(codes.to(torch.int64), (0, ng * g - k)).reshape(n, ng, g).sum(-1)
-    return {"w": q8_layout(codes.to(torch.uint8), spec.bits), "sw": scales.contiguous(),
+    return {"w": q8_layout(codes.to(torch.uint8), spec.bits, masks=False), "sw": scales.contiguous(),  # AVX2 only
             "aw": zeros.float().contiguous(), "U": u.float().contiguous(), "bias": _bias(module)}
 
 
