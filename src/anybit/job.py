@@ -79,10 +79,12 @@ class Job:
         if self.out and os.path.exists(self.out) and not self.overwrite:
             raise AnybitError(f"output folder {self.out} already exists; choose another --out or pass --overwrite")
         if not self.stream and self._too_big_for_memory():
-            if method.streams and self.out is not None and not self.eval_before:
+            if method.streams and self.out is not None:
                 self.stream = True
                 self.log("anybit: the float model does not fit in the memory available now: streaming it "
-                         "block by block (as --stream)")
+                         "block by block (as --stream)" + ("; the float model's perplexity is skipped"
+                                                           if self.eval_before else ""))
+                self.eval_before = False
             # otherwise the loader refuses it with a one-line error that says what to do
         if self.stream:
             if not method.streams:
