@@ -156,8 +156,11 @@ def check_fits(folder: Path, dtype: torch.dtype = torch.float32) -> None:
     from ..methods import METHODS
 
     streaming = ", ".join(n for n, m in METHODS.items() if m.streams)
+    def size(b: int) -> str:
+        return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
     raise AnybitError(
-        f"{folder} needs {need / 2**30:.1f} GiB as {str(dtype).replace('torch.', '')} and {have / 2**30:.1f} GiB "
+        f"{folder} needs {size(need)} as {str(dtype).replace('torch.', '')} and {size(have)} "
         f"are available: quantize it block by block with `anybit quantize {folder} --method M --stream --out DIR` "
         f"(M: {streaming}), then use the quantized folder")
 
