@@ -63,3 +63,20 @@ def test_cold_kernel_bench_uses_distinct_matrices():
     cases = bench.bench_kernels(shapes=((256, 512),), batches=(1,), cases=bench.CASES[2:3], dequant=False)
     (c,) = cases
     assert c["copies"] == bench.copies_for_cold(c["weight_bytes"]) > 1
+
+
+def test_kernel_bench_case_names_and_bad_formats(capsys, monkeypatch):
+    names = [bench.case_name(c) for c in bench.CASES]
+    assert len(set(names)) == len(names) and {"int3", "pot3", "bcq3", "bitplane6a6", "bitplane2a8"} <= set(names)
+    seen = {}
+
+    def fake(shapes, batches, group, **kw):  # what the command hands the benchmark, not a timing
+        seen.update(kw)
+        return []
+
+    monkeypatch.setattr(bench, "bench_kernels", fake)
+    assert main(["bench", "kernels", "--formats", "int3,bitplane6a6", "--shapes", "smollm2", "--json"]) == 0
+    assert [bench.case_name(c) for c in seen["cases"]] == ["int3", "bitplane6a6"] and seen["dequant"] is False
+    assert main(["bench", "kernels", "--formats", "int9"]) == 2
+    err = capsys.readouterr().err
+    assert "int9" in err and "int3" in err and len(err.strip().splitlines()) == 1

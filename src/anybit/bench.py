@@ -43,6 +43,12 @@ CASES = (
 )
 
 
+def case_name(case: tuple) -> str:
+    """``int3``, ``pot3``, ``bcq2``, ``bitplane6a6``: how ``bench kernels --formats`` names a case."""
+    fmt, w, a = case[0], case[1], case[2]
+    return f"{fmt}{w}" + (f"a{a}" if a < 16 else "")
+
+
 def machine() -> dict:
     import os
 

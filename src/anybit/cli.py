@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--against", default=None, choices=["llama.cpp"],
                     help="also time the peer's kernels in the same run (llama.cpp: ggml's products on the nearest "
                          "ggml types; needs pip install -e '.[bench]')")
+    bk.add_argument("--formats", default=None,
+                    help="comma-separated subset of the cases, e.g. int3,pot3,bcq3,bitplane6a6 (default: all)")
     bk.add_argument("--hot", action="store_true",
                     help="time one matrix per case (it may stay in cache); default: cycle distinct matrices "
                          "totalling 4x the last-level cache, so that every call reads its weights from memory")
@@ -395,6 +397,15 @@ def cmd_bench(args) -> int:
             raise AnybitError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
         if not batches or min(batches) < 1:
             raise AnybitError("--batches must be positive")
+        named = {bench.case_name(c): c for c in bench.CASES}
+        chosen = bench.CASES
+        if args.formats is not None:
+            want = [v.strip().lower() for v in args.formats.split(",") if v.strip()]
+            bad = [v for v in want if v not in named]
+            if bad or not want:
+                raise AnybitError(f"--formats: unknown case {', '.join(bad) or '(none given)'}; "
+                                  f"choose from {', '.join(named)}")
+            chosen = tuple(named[v] for v in want)
 
         def show(case):
             if not args.json:
@@ -423,7 +434,7 @@ def cmd_bench(args) -> int:
             print(f"# {info['cpu']}, {info['threads']} threads, ISA {info['isa']}, torch {info['torch']}, {info['date']}; "
                   f"copy {bw:.1f} GB/s, read {rbw:.1f} GB/s; {mode}", flush=True)
         cases = bench.bench_kernels(shapes, batches, args.group_size, progress=show, hot=args.hot, read_gb_per_s=rbw,
-                                    against=against)
+                                    against=against, cases=chosen, dequant=args.formats is None)
         if args.json:
             print(json.dumps([{**c, "machine": info, "copy_gb_per_s": bw, "read_gb_per_s": rbw, "cold": not args.hot}
                               for c in cases]))
