@@ -39,3 +39,18 @@ def test_job_refuses_bad_config_before_loading(tmp_path):
     with pytest.raises(AnybitError, match="already exists"):
         job.run()
     assert logs == []  # nothing was loaded
+
+
+@needs_stories
+@pytest.mark.parametrize("method,options,abits", [("potptq", {"steps": "init"}, 16), ("flexq", {"a8": "down_proj"}, 6)])
+def test_data_free_runs_of_calibrated_methods_read_no_calibration(method, options, abits, monkeypatch, tmp_path):
+    """PoTPTQ's step 1 alone and FlexQ with the official A8 rule use no data: no calibration
+    set is read (it took ~40 minutes at 128 x 2048 on SmolLM2 for nothing)."""
+    def refuse(*a, **k):
+        raise AssertionError("calibration read")
+
+    monkeypatch.setattr(anybit.Job, "calibration", refuse)
+    cfg = anybit.QuantConfig(method=method, wbits=6 if method == "flexq" else 3, abits=abits, group_size=32,
+                             options=options)
+    rep = anybit.Job("stories260k", cfg, out=str(tmp_path / "q"), progress=False, log=lambda _: None).run()
+    assert "calibration" not in rep and rep["size"]["quantized_layers"] > 0

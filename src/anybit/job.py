@@ -218,11 +218,11 @@ class Job:
             return report
         report.update(method=self.config.method, scheme=self.config.scheme)
         calib = None
-        if method.needs_calibration:
+        if method.uses_calibration(self.config):
             calib, report["calibration"] = self.calibration(lm.tokenizer, [t for t, _ in sets])
             c = report["calibration"]
             self.log(f"anybit: calibration {c['source']}: {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}")
-        run_dir = self.resume_dir(lm.model, calib) if method.needs_calibration else None
+        run_dir = self.resume_dir(lm.model, calib) if calib is not None else None
         if self.eval_before:
             self.evaluate(lm.model, sets, report, "before")
         sharded = None

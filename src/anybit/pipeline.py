@@ -50,7 +50,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     config.validate()
     adapter = get_adapter(model)
     method.validate(config)
-    if method.needs_calibration and calibration is None:
+    if method.uses_calibration(config) and calibration is None:
         raise AnybitError(f"method {method.name} needs calibration data; pass --calib NAME_OR_PATH")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise AnybitError("this model is already quantized; start from the float model")

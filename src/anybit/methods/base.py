@@ -39,6 +39,11 @@ class Method(ABC):
 
     name: str
     needs_calibration: bool = False
+
+    def uses_calibration(self, config) -> bool:
+        """Whether this run of the method reads the calibration set (some options make a
+        calibrated method data-free: PoTPTQ's step 1 alone)."""
+        return self.needs_calibration
     # runs on a model whose blocks are read from disk one at a time (models/lazy.py): the
     # method touches one block at a time, through run_sequential or quantize_layers_data_free
     streams: bool = False

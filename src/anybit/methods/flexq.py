@@ -111,6 +111,10 @@ class FlexQOptions(Options):
 class FlexQ(Method):
     name = "flexq"
     needs_calibration = True  # the sensitivity ranking only
+
+    def uses_calibration(self, config) -> bool:
+        o = self.options(config)  # the official a8 rule, W6A8 or no A8 layer need no ranking
+        return o.a8 is None and config.abits < o.high_abits and o.a8_layers != 0
     supports_act = True
     options_cls = FlexQOptions
 
@@ -126,7 +130,7 @@ class FlexQ(Method):
         config = self.prepare(config)
         o = self.options(config)
         high, nwin, metric = o.high_abits, o.sensitivity_samples, o.sensitivity
-        windows = calibration[:nwin, :SENSITIVITY_SEQLEN]
+        windows = calibration[:nwin, :SENSITIVITY_SEQLEN] if calibration is not None else None
         ranked = o.a8 is None and config.abits < high
         ref = _logprobs(model, windows) if metric == "kl" and ranked else None  # the float model's
         result = quantize_layers_data_free(self, model, adapter, config,

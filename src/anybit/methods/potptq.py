@@ -157,7 +157,10 @@ class PoTPTQOptions(Options):
 class PoTPTQ(Method):
     name = "potptq"
     weight_format = "pot"  # or "potz" with the zero level: spec_from_fields chooses
-    needs_calibration = True  # step 2; steps "init"/"none" ignore the data
+    needs_calibration = True  # step 2
+
+    def uses_calibration(self, config) -> bool:
+        return self.options(config).steps in ("refine", "both")  # "init"/"none" are data-free
     streams = True  # one block at a time (models/lazy.py)
     options_cls = PoTPTQOptions
 
