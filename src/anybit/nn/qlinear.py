@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..kernels import ops
 from ..formats import ActSpec, FormatSpec, get_format
 
 
@@ -31,6 +32,11 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.bias = None
+        self._anybit_handle = ops.register(self)  # how the traced operator finds this layer
+
+    def __setstate__(self, state):  # copy.deepcopy, pickle: the copy gets its own handle
+        super().__setstate__(state)
+        self._anybit_handle = ops.register(self)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,6 +84,8 @@ class QuantLinear(nn.Module):
         return self.fmt.bits_per_weight(self.spec, self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one traceable operator (kernels/ops.py)
+            return torch.ops.anybit.qlinear(x, self._anybit_handle, self.out_features)
         return kernels.linear(x, self)
 
     def extra_repr(self) -> str:
