@@ -71,8 +71,9 @@ def _load():
         lib.anybit_attn_decode.argtypes = [p, p, p, p, p, i64, i64, p, p, i64, i64, i64, c_float, p, p, c_float, p, p]
         lib.anybit_silu_mul.argtypes = [p, i64, i64, p]
         lib.anybit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, c_float, p]
+        lib.anybit_lin_call.argtypes = [p, p, p]
         for f in ("anybit_decode_layers", "anybit_rmsnorm", "anybit_attn_decode", "anybit_silu_mul", "anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
-                  "anybit_int_q8_gemm", "anybit_bitplane_q8_gemm", "anybit_bcq_dequant"):
+                  "anybit_int_q8_gemm", "anybit_bitplane_q8_gemm", "anybit_bcq_dequant", "anybit_lin_call"):
             getattr(lib, f).restype = None
         lib.anybit_set_bcq_int8(int(os.environ.get("ANYBIT_BCQ_INT8", "1") != "0"))
         env = os.environ.get("ANYBIT_ISA")
@@ -621,32 +622,54 @@ class Q8Plan:
         self.threads = self._pick_threads()
 
     def _pick_threads(self) -> int:
-        """One thread or torch's: whichever runs this product faster here (a thread team's
-        fork and join costs more than a small GEMV)."""
-        import time
-
-        full = torch.get_num_threads()
-        if full == 1:
-            return 1
         x = torch.randn(1, self.k)
-        best = None
-        for t in (1, full):
+
+        def run(t: int) -> None:
             self.threads = t
-            for _ in range(3):
-                self(x)
-            t0 = time.perf_counter()
-            for _ in range(20):
-                self(x)
-            dt = time.perf_counter() - t0
-            if best is None or dt < best[0]:
-                best = (dt, t)
-        return best[1]
+            self(x)
+
+        return pick_threads(run)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` float32 ``[rows, K]`` contiguous -> ``[rows, N]`` (into ``out`` if given)."""
         y = torch.empty(x.shape[0], self.n, dtype=torch.float32) if out is None else out
         _lib.anybit_int_q8_gemm(x.data_ptr(), x.shape[0], *self.args, y.data_ptr(), self.threads, self.table)
         return y
+
+
+def pick_threads(run) -> int:
+    """One thread or torch's, whichever runs ``run(threads)`` (one batch-1 product) faster
+    here: a thread team's fork and join costs more than a small GEMV, and where the line
+    lies depends on the machine (a fixed work threshold kept every SmolLM2 bit-plane and BCQ
+    layer on one thread in decoding, 20-40 % slower on a 2-core Zen 1)."""
+    import time
+
+    full = torch.get_num_threads()
+    if full == 1:
+        return 1
+    best = None
+    for t in (1, full, 1, full):  # twice each, alternating: the first calls warm the caches
+        for _ in range(3):
+            run(t)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            run(t)
+        dt = time.perf_counter() - t0
+        if best is None or dt < best[0]:
+            best = (dt, t)
+    return best[1]
+
+
+def _struct_threads(st: "LinStruct") -> int:
+    """:func:`pick_threads` for one prepared linear of the decoding step."""
+    x = torch.randn(1, st.K)
+    y = torch.empty(1, st.N)
+
+    def run(t: int) -> None:
+        st.threads = t
+        _lib.anybit_lin_call(ctypes.byref(st), x.data_ptr(), y.data_ptr())
+
+    return pick_threads(run)
 
 
 class LinStruct(ctypes.Structure):
@@ -677,6 +700,13 @@ def lin_struct(item) -> LinStruct | None:
                          gsize=g, G=ng, B=block, scales=scales, szs=szs, table=item.table)
     if _load() is None or not isinstance(item, QuantLinear):
         return None
+    st = _module_struct(item)
+    if st is not None:
+        st.threads = _struct_threads(st)
+    return st
+
+
+def _module_struct(item) -> LinStruct | None:
     spec, act = item.spec, item.act
     n, k = item.shape
     g, ng = _group(spec, k)
