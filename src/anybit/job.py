@@ -29,13 +29,6 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def streaming_methods() -> list[str]:
-    """Methods that run with ``stream`` (one block of the model in memory at a time)."""
-    from .methods import METHODS
-
-    return [n for n, m in METHODS.items() if m.streams]
-
-
 @dataclass
 class Job:
     """One run: ``config`` None is the float model (evaluated only, as compare's FP row)."""
@@ -70,7 +63,7 @@ class Job:
         """Refuse what cannot run, before anything is loaded; returns the method (or None)."""
         if self.config is None:
             return None
-        from .methods import get_method
+        from .methods import get_method, streaming_methods
 
         method = get_method(self.config.method)
         self.config = method.prepare(self.config)
@@ -99,8 +92,7 @@ class Job:
     def _too_big_for_memory(self) -> bool:
         """Whether the float model (a local safetensors folder) is larger than the memory
         available now."""
-        from .allocator import available_memory
-        from .models.loader import BUILTIN, float_model_bytes, resolve_builtin
+        from .models.loader import BUILTIN, memory_shortfall, resolve_builtin
 
         if self.model is None:
             return False
@@ -113,8 +105,7 @@ class Job:
         cfg = folder / "config.json"
         if cfg.is_file() and "quantization_config" in cfg.read_text(errors="replace"):
             return False  # a quantized folder loads memory-mapped
-        need, have = float_model_bytes(folder), available_memory()
-        return need is not None and have is not None and need > have
+        return memory_shortfall(folder) is not None
 
     def load(self):
         """The model and tokenizer (a :class:`anybit.models.LoadedModel`)."""

@@ -25,6 +25,11 @@ METHODS: dict[str, Method] = {
 }
 
 
+def streaming_methods() -> list[str]:
+    """Methods that run with ``stream`` (one block of the model in memory at a time)."""
+    return [n for n, m in METHODS.items() if m.streams]
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]
@@ -32,4 +37,4 @@ def get_method(name: str) -> Method:
         raise AnybitError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "LayerReport", "Method", "MethodResult", "get_method"]
+__all__ = ["METHODS", "LayerReport", "Method", "MethodResult", "get_method", "streaming_methods"]

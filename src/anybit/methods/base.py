@@ -39,11 +39,6 @@ class Method(ABC):
 
     name: str
     needs_calibration: bool = False
-
-    def uses_calibration(self, config) -> bool:
-        """Whether this run of the method reads the calibration set (some options make a
-        calibrated method data-free: PoTPTQ's step 1 alone)."""
-        return self.needs_calibration
     # runs on a model whose blocks are read from disk one at a time (models/lazy.py): the
     # method touches one block at a time, through run_sequential or quantize_layers_data_free
     streams: bool = False
@@ -60,6 +55,11 @@ class Method(ABC):
         """``config.options`` as this method's typed options (defaults filled in); unknown
         keys and malformed values raise :class:`anybit.AnybitError`."""
         return self.options_cls.parse(config.options, self.name)
+
+    def uses_calibration(self, config: QuantConfig) -> bool:
+        """Whether this run of the method reads the calibration set (some options make a
+        calibrated method data-free: PoTPTQ's step 1 alone)."""
+        return self.needs_calibration
 
     def prepare(self, config: QuantConfig) -> QuantConfig:
         """The config with the method's fixed conventions applied (default: unchanged)."""

@@ -111,12 +111,12 @@ class FlexQOptions(Options):
 class FlexQ(Method):
     name = "flexq"
     needs_calibration = True  # the sensitivity ranking only
+    supports_act = True
+    options_cls = FlexQOptions
 
     def uses_calibration(self, config) -> bool:
         o = self.options(config)  # the official a8 rule, W6A8 or no A8 layer need no ranking
         return o.a8 is None and config.abits < o.high_abits and o.a8_layers != 0
-    supports_act = True
-    options_cls = FlexQOptions
 
     def prepare(self, config: QuantConfig) -> QuantConfig:
         """FlexQ's fixed conventions: symmetric weights and activations, activation groups = weight groups."""

@@ -158,11 +158,11 @@ class PoTPTQ(Method):
     name = "potptq"
     weight_format = "pot"  # or "potz" with the zero level: spec_from_fields chooses
     needs_calibration = True  # step 2
+    streams = True  # one block at a time (models/lazy.py)
+    options_cls = PoTPTQOptions
 
     def uses_calibration(self, config) -> bool:
         return self.options(config).steps in ("refine", "both")  # "init"/"none" are data-free
-    streams = True  # one block at a time (models/lazy.py)
-    options_cls = PoTPTQOptions
 
     def spec_from_fields(self, config: QuantConfig, fields: dict) -> FormatSpec:
         spec = super().spec_from_fields(config, fields)

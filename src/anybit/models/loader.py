@@ -144,25 +144,31 @@ def float_model_bytes(folder: Path, dtype: torch.dtype = torch.float32) -> int |
     return numel * torch.empty((), dtype=dtype).element_size()
 
 
+def memory_shortfall(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[int, int] | None:
+    """``(bytes needed, bytes available)`` when the model in ``folder`` loaded as ``dtype``
+    is larger than the memory available now; None when it fits or either is unknown."""
+    from ..allocator import available_memory
+
+    need, have = float_model_bytes(folder, dtype), available_memory()
+    return (need, have) if need is not None and have is not None and need > have else None
+
+
 def check_fits(folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """Refuse, before loading, a float model larger than the memory available now (the
     alternative is the kernel's OOM killer, minutes later): a one-line error that says to
     stream it."""
-    from ..allocator import available_memory
-
-    need, have = float_model_bytes(folder, dtype), available_memory()
-    if need is None or have is None or need <= have:
+    short = memory_shortfall(folder, dtype)
+    if short is None:
         return
-    from ..methods import METHODS
+    from ..methods import streaming_methods
 
-    streaming = ", ".join(n for n, m in METHODS.items() if m.streams)
     def size(b: int) -> str:
         return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
     raise AnybitError(
-        f"{folder} needs {size(need)} as {str(dtype).replace('torch.', '')} and {size(have)} "
+        f"{folder} needs {size(short[0])} as {str(dtype).replace('torch.', '')} and {size(short[1])} "
         f"are available: quantize it block by block with `anybit quantize {folder} --method M --stream --out DIR` "
-        f"(M: {streaming}), then use the quantized folder")
+        f"(M: {', '.join(streaming_methods())}), then use the quantized folder")
 
 
 def _load_hf_folder(path: Path | str, dtype: torch.dtype) -> tuple[nn.Module, object]:
