@@ -628,7 +628,7 @@ class Q8Plan:
             self.threads = t
             self(x)
 
-        return pick_threads(run)
+        return pick_threads(run, ("q8", self.args[0], self.n, self.args[4], self.args[5], self.args[7], self.table is None))
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` float32 ``[rows, K]`` contiguous -> ``[rows, N]`` (into ``out`` if given)."""
@@ -637,16 +637,24 @@ class Q8Plan:
         return y
 
 
-def pick_threads(run) -> int:
+_THREADS: dict[tuple, int] = {}
+
+
+def pick_threads(run, key: tuple) -> int:
     """One thread or torch's, whichever runs ``run(threads)`` (one batch-1 product) faster
     here: a thread team's fork and join costs more than a small GEMV, and where the line
     lies depends on the machine (a fixed work threshold kept every SmolLM2 bit-plane and BCQ
-    layer on one thread in decoding, 20-40 % slower on a 2-core Zen 1)."""
+    layer on one thread in decoding, 20-40 % slower on a 2-core Zen 1). Timed once per
+    ``key`` (the product's kind and shape) and thread count: a model's layers of one shape
+    share the answer, so building a decoder times a handful of products, not every layer."""
     import time
 
     full = torch.get_num_threads()
     if full == 1:
         return 1
+    key = (*key, full, _lib.anybit_get_isa())
+    if key in _THREADS:
+        return _THREADS[key]
     best = None
     for t in (1, full, 1, full):  # twice each, alternating: the first calls warm the caches
         for _ in range(3):
@@ -657,6 +665,7 @@ def pick_threads(run) -> int:
         dt = time.perf_counter() - t0
         if best is None or dt < best[0]:
             best = (dt, t)
+    _THREADS[key] = best[1]
     return best[1]
 
 
@@ -669,7 +678,7 @@ def _struct_threads(st: "LinStruct") -> int:
         st.threads = t
         _lib.anybit_lin_call(ctypes.byref(st), x.data_ptr(), y.data_ptr())
 
-    return pick_threads(run)
+    return pick_threads(run, (st.kind, st.K, st.N, st.bits, st.gsize, st.abits))
 
 
 class LinStruct(ctypes.Structure):

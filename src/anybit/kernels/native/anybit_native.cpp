@@ -342,12 +342,12 @@ static inline void lin_call(const AnybitLin& p, const float* x, float* y) {
     }
 }
 
-// The whole transformer stack for one token at position pos: x [d] (the embedding in, the
-// last hidden state out, before the final norm). buf: scratch of 2·d + (2·H + 2·Hkv)·D +
-// 3·ffn + maxT floats.
 // One prepared linear at batch 1 (the decoding step's call), for timing its thread count.
 void anybit_lin_call(const AnybitLin* p, const float* x, float* y) { lin_call(*p, x, y); }
 
+// The whole transformer stack for one token at position pos: x [d] (the embedding in, the
+// last hidden state out, before the final norm). buf: scratch of 2·d + (2·H + 2·Hkv)·D +
+// 3·ffn + maxT floats.
 void anybit_decode_layers(const AnybitLayer* layers, int64_t L, float* x, int64_t d, int64_t H, int64_t Hkv,
                           int64_t D, int64_t ffn, int64_t maxT, int64_t pos, const float* cos, const float* sin,
                           float scale, float* buf) {
