@@ -83,12 +83,17 @@ def test_native_step_matches_the_pytorch_step(family, wbits):
     slow.fast = None  # same plans, PyTorch operators between them
     a, b = fast(ids[:, :9]), slow(ids[:, :9])
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for j in range(9, 21):
+        _close_up_to_int8_flips(fast(ids[:, j:j + 1]), slow(ids[:, j:j + 1]))
+    # one step at a time from the same cache (a prompt takes the same path in both), so that
+    # one step's int8 flip does not carry into the next through the cache: most steps agree
+    # to float rounding
     exact = 0
     for j in range(9, 21):
-        a, b = fast(ids[:, j:j + 1]), slow(ids[:, j:j + 1])
-        _close_up_to_int8_flips(a, b)
-        exact += bool(torch.allclose(a, b, atol=1e-5, rtol=1e-5))
-    assert exact >= 1  # the first steps, before any flip, agree to float rounding
+        fast.reset(), slow.reset()
+        fast(ids[:, :j]), slow(ids[:, :j])
+        exact += bool(torch.allclose(fast(ids[:, j:j + 1]), slow(ids[:, j:j + 1]), atol=1e-5, rtol=1e-5))
+    assert exact >= 6, f"{exact} of 12 steps agree"
     # and the transformers model decoding on its own cache (its linears: the same kernels
     # per module; the fused plans only concatenate rows)
     _, steps = _hf_logits(model, ids)
