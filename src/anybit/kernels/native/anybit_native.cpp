@@ -202,45 +202,10 @@ void anybit_dequant(int kind, const uint8_t* qweight, int64_t row_bytes, int64_t
     }
 }
 
-// BCQ weights to float32, w[n, k] = offset[n, g] + Σ_i alpha[n, g, i]·(±1 from bit k of plane
-// i): per (row, group) the 2^q values every sign pattern can take go in a table, and each
-// weight is one lookup by its q-bit pattern. For prompts too long for the LUT-GEMM: the
-// float weight lands in a scratch buffer for BLAS instead of staying cached per layer.
-// planes: [q, N, row_bytes] (bit k of a row at byte k/8, bit k%8); alpha [N, G, q], offset [N, G].
+// BCQ weights to float32 (kernels_impl.inc, bcq_dequant)
 void anybit_bcq_dequant(const uint8_t* planes, int64_t row_bytes, int64_t N, int64_t K, int q, int64_t gsize,
                         int64_t G, const float* alpha, const float* offset, float* out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        float table[256];
-        for (int64_t g = 0; g < G; ++g) {
-            const float* a = alpha + (n * G + g) * q;
-            const int ncodes = 1 << q;
-            for (int c = 0; c < ncodes; ++c) {
-                float v = offset[n * G + g];
-                for (int i = 0; i < q; ++i) v += (c >> i & 1) ? a[i] : -a[i];
-                table[c] = v;
-            }
-            const int64_t k1 = std::min(K, (g + 1) * gsize);
-            int64_t k = g * gsize;
-            for (; k + 8 <= k1 && (k & 7) == 0; k += 8) {  // 8 weights: one byte of each plane
-                uint64_t codes = 0;  // byte j: the code of weight k + j
-                for (int i = 0; i < q; ++i) {
-                    const uint64_t b = planes[(i * N + n) * row_bytes + (k >> 3)];
-                    // bit j of b to bit 0 of byte j: b in every byte, bit j kept in byte j, and
-                    // 0x80 − 2^j added to byte j carries into its bit 7 exactly when it is set
-                    const uint64_t picked = b * 0x0101010101010101ULL & 0x8040201008040201ULL;
-                    const uint64_t spread = (picked + 0x00406070787C7E7FULL) >> 7 & 0x0101010101010101ULL;
-                    codes |= spread << i;
-                }
-                for (int j = 0; j < 8; ++j) out[n * K + k + j] = table[codes >> (8 * j) & 0xFF];
-            }
-            for (; k < k1; ++k) {
-                int c = 0;
-                for (int i = 0; i < q; ++i) c |= (planes[(i * N + n) * row_bytes + (k >> 3)] >> (k & 7) & 1) << i;
-                out[n * K + k] = table[c];
-            }
-        }
-    }
+    DISPATCH(bcq_dequant(planes, row_bytes, N, K, q, gsize, G, alpha, offset, out, nthreads))
 }
 
 int anybit_set_bcq_int8(int on) {
