@@ -111,6 +111,30 @@ def test_int_int8_activations(isa, fmt, bits, sym, group):
         assert (out - ref).norm() <= 0.03 * ref.norm()
 
 
+@pytest.mark.parametrize("fmt,bits,sym", Q8_CASES)
+@pytest.mark.parametrize("group", [64, 128, -1])
+def test_int8_activations_at_the_int16_limits(isa, fmt, bits, sym, group):
+    """The largest products the kernels sum in int16 before widening (codes at their top
+    level, every activation at +-127), where a wrong chunk count would wrap: weights +1 but
+    for one -1 per 64 inputs, activations all of one sign."""
+    if isa == "scalar":
+        pytest.skip("the int8-activation kernels need AVX2")
+    n, k = 9, 1536
+    lin = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.weight[:, ::64] = -1.0
+    opts = {"grid": (1.0,)} if fmt != "int" else {}
+    q = QuantLinear.from_linear(lin, FormatSpec(fmt, bits, group, sym), **opts)
+    assert native._q8_usable(q)
+    for sign in (1.0, -1.0):
+        x = torch.full((3, k), sign)
+        with kernels.use("native"):
+            out = q(x)
+        emu = _q8_emulation(q, x)
+        assert (out.double() - emu).abs().max() <= 1e-5 * emu.abs().max(), (sign, out[0, :3], emu[0, :3])
+
+
 def test_int8_activation_path_only_where_it_applies():
     assert native.pot_levels(FormatSpec("pot", 4, 128)) is None  # ±128 does not fit a byte: the float kernel
     assert native.pot_levels(FormatSpec("pot", 3, 128)) == ([1, 2, 4, 8, -1, -2, -4, -8], 8)

@@ -309,6 +309,8 @@ def _prep_int_q8(module):
         zeros = torch.full_like(scales, float(z))
         table = torch.zeros(16, dtype=torch.uint8)
         table[: len(levels)] = torch.tensor([v + z for v in levels], dtype=torch.uint8)
+        # the kernel sums <= 3-bit PoT products in int16 over 3 chunks (LUT_MAX_3BIT)
+        assert spec.bits > 3 or int(table.max()) <= 16
     masks = _q8_masks(spec, module.in_features)
     return {"w": q8_layout(codes, spec.bits, masks), "scales": scales.contiguous(), "szs": (scales * zeros).contiguous(),
             "bias": _bias(module), "table": table}
