@@ -218,13 +218,14 @@ def _bcq_int8_emulation(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def test_bcq_int8_tables(bits, group):
     """AVX2's int8-table (vpshufb) BCQ kernel: equal to the emulation of its arithmetic, and
     within the table rounding of the float reference; odd chunk counts per group (24, 8),
-    K not a multiple of 8, K long enough for the int16 flush (1536 / 8 > 128 chunks)."""
+    K not a multiple of 8, K long enough for the int16 flush (1536 / 8 > 128 chunks), N split
+    into row slices that are not all the same size (600 rows: 160, 160, 160, 128)."""
     if native.cpu_isa() == "scalar":
         pytest.skip("the int8-table BCQ kernel needs AVX2")
     prev = native.isa()
     native.set_isa("avx2")
     try:
-        for n, k, m in SHAPES + [(19, 1536, 2), (33, 1100, 1)]:
+        for n, k, m in SHAPES + [(19, 1536, 2), (33, 1100, 1), (600, 136, 1)]:
             q = QuantLinear.from_linear(linear(n, k), FormatSpec("bcq", bits, group), fit="greedy")
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k))
             with kernels.use("native"):
