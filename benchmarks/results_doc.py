@@ -35,8 +35,8 @@ PoTPTQ rows without `zero_level=false` use the zero-level format `potz` (the def
 The third table (issue 13, `paper_budget_grid.sh`, 2026-12-01 onwards, still running) runs
 the trained methods at the papers' epoch counts on one calibration set for every row (C4
 32 × 512, seed 0; 40 WikiText-2 windows of 2048 tokens), one cell at a time; its
-`quantize (s)` includes time the grid was paused for other measurements in earlier
-sessions (`quantize_cpu_s` in its results.jsonl is the CPU time).
+`quantize (s)` (wall) includes time the grid was paused for other measurements;
+`quantize CPU (s)` is the process's CPU time (two threads), which pauses do not inflate.
 """
 
 

@@ -338,8 +338,10 @@ def make_report(out: Path, title: str | None = None, paper: dict | None = None) 
     if kl_tokens:
         lines.append(f"KL: mean per-token KL(FP ‖ quantized) on the first {kl_tokens} tokens of {datasets[0]}.")
     lines.append("")
+    # quantize (s) is wall time, which includes any time the process was stopped (a grid paused
+    # for timings); CPU (s) is the process's CPU time (both threads)
     head = ["method", "scheme", "bits/weight", *[f"ppl {d}" for d in datasets], "KL vs FP", "quantize (s)",
-            "peak RSS (MiB)", "size (MiB)"]
+            "quantize CPU (s)", "peak RSS (MiB)", "size (MiB)"]
     if paper:
         head.append("paper (LLaMA-7B)")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -352,7 +354,7 @@ def make_report(out: Path, title: str | None = None, paper: dict | None = None) 
         if r["status"] == "ok":
             cells = [r["method"], r["scheme"], _fmt(r.get("bits_per_weight")),
                      *[_fmt(r["ppl"].get(d)) for d in datasets], _fmt(r.get("kl"), 4), _fmt(r.get("quantize_s"), 1),
-                     _fmt(r.get("peak_rss_mib"), 0), _fmt(r.get("size_mib"), 1)]
+                     _fmt(r.get("quantize_cpu_s"), 0), _fmt(r.get("peak_rss_mib"), 0), _fmt(r.get("size_mib"), 1)]
         else:
             cells = [r["method"], r["scheme"], f"{r['status']}: {r.get('reason', '')}".replace("|", "/")]
             cells += [""] * (len(head) - len(cells) - (1 if paper else 0))
