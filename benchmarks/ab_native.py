@@ -1,0 +1,96 @@
+"""A/B of two builds of the native kernels in one process, on the same matrices and activations.
+
+Kernel changes of a few percent drown in the drift between two runs on a shared CPU; here both
+builds are loaded side by side (the other one from a copy of its shared library) and timed in
+alternating rounds on identical inputs, after checking that they give the same outputs.
+
+    git worktree add /tmp/base REV && (cd /tmp/base && python setup.py build_ext --inplace)
+    cp /tmp/base/src/anybit/kernels/_native*.so /tmp/base_native.so
+    python benchmarks/ab_native.py /tmp/base_native.so int:3:4096:4096 pot:3:4096:4096:128 \\
+        --threads 1 --rows 1 --rounds 9
+
+Each case is ``format:bits:out:in[:group]`` (group 128 by default). Prints the median ms of
+each build and their ratio (this build over the other); nothing else may run meanwhile.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import sys
+import tempfile
+import time
+import types
+
+import torch
+
+import anybit.kernels as K
+import anybit.kernels.native as native
+from anybit.formats import FormatSpec
+from anybit.nn import QuantLinear
+
+
+def load_other(path: str):
+    """The native library at ``path``, loaded next to this build's through the same binding code."""
+    own = native._load()
+    if own is None:
+        sys.exit("error: this build has no native kernels; run `python setup.py build_ext --inplace` first")
+    copy = tempfile.NamedTemporaryFile(suffix=".so", delete=False).name  # a new inode: dlopen loads it anew
+    shutil.copyfile(path, copy)
+    find_spec = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: (types.SimpleNamespace(origin=copy) if name == "anybit.kernels._native"
+                                                 else find_spec(name, *a))
+    try:
+        native._lib, native._load_error = None, None
+        other = native._load()
+    finally:
+        importlib.util.find_spec = find_spec
+        native._lib = own
+    if other is None:
+        sys.exit(f"error: could not load {path}: {native._load_error}")
+    return own, other
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("other", help="the other build's _native*.so (a copy of it is loaded)")
+    ap.add_argument("cases", nargs="+", help="format:bits:out:in[:group], e.g. int:3:4096:4096")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=1, help="activation rows (1: GEMV)")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--copies", type=int, default=1, help="distinct matrices cycled (1: hot)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    own, other = load_other(args.other)
+    builds = {"other": other, "this": own}
+    for case in args.cases:
+        fmt, bits, n, k, *g = case.split(":")
+        spec = FormatSpec(fmt, int(bits), int(g[0]) if g else 128, False)
+        mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec) for _ in range(args.copies)]
+        x = torch.randn(args.rows, int(k))
+        outs = {}
+        for name, lib in builds.items():
+            native._lib = lib
+            outs[name] = K.linear(x, mods[0])
+        same = torch.equal(outs["this"], outs["other"])
+        reps = max(50, 8 * args.copies)
+        times: dict[str, list[float]] = {name: [] for name in builds}
+        for _ in range(args.rounds):
+            for name, lib in builds.items():
+                native._lib = lib
+                for m in mods:
+                    K.linear(x, m)
+                t0 = time.perf_counter()
+                for i in range(reps):
+                    K.linear(x, mods[i % args.copies])
+                times[name].append((time.perf_counter() - t0) / reps * 1e3)
+        med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        print(f"{case} rows {args.rows} threads {args.threads}: other {med['other']:.3f} ms, this "
+              f"{med['this']:.3f} ms, this/other {med['this'] / med['other']:.3f}"
+              f"{'' if same else '  (outputs DIFFER)'}", flush=True)
+    native._lib = own
+
+
+if __name__ == "__main__":
+    main()
