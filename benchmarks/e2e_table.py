@@ -1,6 +1,7 @@
 """Markdown tables from ``anybit bench e2e DIR --json`` outputs (a JSON list, or JSON lines as
 ``benchmarks/e2e_smollm2.sh`` writes them), with the llama.cpp rows where the run had
-``--against llama.cpp``.
+``--against llama.cpp``. Beside each median ratio to llama.cpp, the range of the per-round
+ratios (round i of both sides ran back to back).
 
     python benchmarks/e2e_table.py benchmarks/results/e2e/e2e_smollm2_2026-12-02.jsonl
 """
@@ -21,6 +22,16 @@ def _rows(path: str) -> list[dict]:
 
 def _bpw(q: dict) -> str:
     return f"{q['weights_mib']:.0f}"
+
+
+def _spread(ours: dict, theirs: dict, key: str) -> str:
+    """The range of the per-round ratios (round i of both sides ran back to back), which on a
+    shared machine says more about what a median ratio can resolve than the median alone."""
+    a, b = ours.get(f"{key}_rounds"), theirs.get(f"{key}_rounds")
+    if not a or not b or len(a) != len(b):
+        return ""
+    r = [x / y for x, y in zip(a, b)]
+    return f" ({min(r):.2f}–{max(r):.2f})"
 
 
 def main(path: str) -> None:
@@ -44,13 +55,14 @@ def main(path: str) -> None:
     if not any("llama.cpp" in r for r in rows):
         return
     print("\n| anybit model | llama.cpp file (same run) | file MiB | llama.cpp prefill | llama.cpp decode | "
-          "llama.cpp peak RSS | anybit decode ÷ llama.cpp | anybit prefill ÷ llama.cpp |")
+          "llama.cpp peak RSS | anybit decode ÷ llama.cpp (rounds' range) | anybit prefill ÷ llama.cpp (rounds' range) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         for ll in r.get("llama.cpp", []):
             print(f"| `{Path(r['model']['model']).name}` | {ll['model'].split('.')[-2]} | {ll['weights_mib']:.0f} | "
                   f"{ll['prefill_tokens_per_s']:.0f} | {ll['decode_tokens_per_s']:.1f} | {ll['peak_rss_mib']:.0f} | "
-                  f"×{ll['anybit_decode_ratio']:.2f} | ×{ll['anybit_prefill_ratio']:.2f} |")
+                  f"×{ll['anybit_decode_ratio']:.2f}{_spread(r['model'], ll, 'decode')} | "
+                  f"×{ll['anybit_prefill_ratio']:.2f}{_spread(r['model'], ll, 'prefill')} |")
 
 
 if __name__ == "__main__":
