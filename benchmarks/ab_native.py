@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,7 @@ def load_other(path: str):
     finally:
         importlib.util.find_spec = find_spec
         native._lib = own
+        os.unlink(copy)  # the loaded library stays mapped
     if other is None:
         sys.exit(f"error: could not load {path}: {native._load_error}")
     return own, other

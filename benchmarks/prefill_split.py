@@ -3,7 +3,8 @@
 Formats without an integer kernel at prompt sizes (BCQ at any row count; INT/PoT above the
 int8 kernel's rows) run a prompt as: dequantize into a shared scratch weight, then
 ``F.linear``. Per SmolLM2 shape, at ``--rows`` activation rows: fp32 ``F.linear`` on a resident
-weight (what the fp32 model does), the dequantize kernel alone, and the whole quantized linear.
+weight (what the fp32 model does), the dequantize kernel alone, and the whole quantized linear
+(medians, ``anybit.bench.median_time``).
 
     python benchmarks/prefill_split.py --format bcq --bits 3 --rows 128 --threads 2
 
@@ -12,25 +13,16 @@ Nothing else may run meanwhile (two cores).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import anybit.kernels as K
+from anybit.bench import median_time
 from anybit.formats import FormatSpec
 from anybit.kernels import native
 from anybit.nn import QuantLinear
 
 SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down (out x in)
-
-
-def _ms(f, reps: int) -> float:
-    for _ in range(max(3, reps // 10)):
-        f()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        f()
-    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def main() -> None:
@@ -40,7 +32,6 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=100)
     args = ap.parse_args()
     if not native.available():
         raise SystemExit("error: the native kernels are not built; run `python setup.py build_ext --inplace`")
@@ -55,9 +46,9 @@ def main() -> None:
         x = torch.randn(args.rows, k)
         w = lin.weight.detach().contiguous()
         scratch = native._scratch_weight(n, k)
-        t_fp = _ms(lambda: torch.nn.functional.linear(x, w), args.reps)
-        t_dq = _ms(lambda: deq(q, out=scratch), args.reps)
-        t_q = _ms(lambda: K.linear(x, q), args.reps)
+        t_fp = median_time(lambda: torch.nn.functional.linear(x, w)) * 1e3
+        t_dq = median_time(lambda: deq(q, out=scratch)) * 1e3
+        t_q = median_time(lambda: K.linear(x, q)) * 1e3
         print(f"{n}x{k}: fp32 F.linear {t_fp:.3f} ms | dequantize {t_dq:.3f} ms ({t_dq / t_fp:.2f} of it) | "
               f"quantized linear {t_q:.3f} ms ({t_q / t_fp:.2f}x the fp32 time)")
 
