@@ -143,3 +143,38 @@ def test_native_step_runs_bcq_and_bitplane_layers(cfg):
     torch.testing.assert_close(fast(ids[:, :8]), slow(ids[:, :8]), atol=1e-4, rtol=1e-4)
     for j in range(8, 16):
         _close_up_to_int8_flips(fast(ids[:, j:j + 1]), slow(ids[:, j:j + 1]))
+
+
+@pytest.mark.parametrize("cfg", [dict(method="rtn", wbits=3, group_size=32),
+                                 dict(method="rtn", wbits=4, group_size=64),
+                                 dict(method="bcq", wbits=3, group_size=64),
+                                 dict(method="rtn", wbits=6, abits=6, group_size=-1)],
+                         ids=["int3-g32", "int4-g64", "bcq-w3", "bitplane-w6a6"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_native_step_on_one_thread_team_equals_a_team_per_linear(cfg, family):
+    """The whole stack on one thread team (each thread quantizing the linears' input itself,
+    heads and SiLU split over the team) gives the bits of the path with a team per linear."""
+    from anybit.kernels import native
+
+    if not native.available():
+        pytest.skip("native kernels not built")
+    kw = {"head_dim": 32} if family == "qwen3" else {}
+    model = tiny_model(family, hidden_size=128, intermediate_size=320, **kw)  # 320: a SiLU span cut short
+    quantize(model, QuantConfig(**cfg))
+    ids = torch.randint(1, 500, (1, 20), generator=torch.Generator().manual_seed(5))
+    d = StaticDecoder(model, 24)
+    assert d.fast is not None
+    lib, table = d.fast[0], d.fast[1]
+    for row in table:  # both paths on three threads (the team only forms with more than one)
+        for lin in [*row.qkv[:row.n_qkv], row.o, *row.gu[:row.n_gu], row.down]:
+            lin.threads = 3
+    runs = []
+    try:
+        for team in (1, 0):
+            lib.anybit_set_decode_team(team)
+            d.reset()
+            d(ids[:, :6])
+            runs.append(torch.stack([d(ids[:, j:j + 1])[0, -1] for j in range(6, 20)]))
+    finally:
+        lib.anybit_set_decode_team(1)
+    assert torch.equal(runs[0], runs[1])

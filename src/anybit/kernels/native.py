@@ -64,6 +64,9 @@ def _load():
         lib.anybit_cpu_vnni.restype = c_int
         lib.anybit_set_bcq_int8.restype = c_int
         lib.anybit_set_bcq_int8.argtypes = [c_int]
+        if hasattr(lib, "anybit_set_decode_team"):  # older builds (benchmarks/ab_native.py loads them) lack it
+            lib.anybit_set_decode_team.restype = c_int
+            lib.anybit_set_decode_team.argtypes = [c_int]
         lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int, p]
         lib.anybit_bitplane_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int, i64,
                                                 p, p, c_int]

@@ -16,6 +16,38 @@
 // BCQ on AVX2: int8 tables looked up with vpshufb (1) or the float tables with gathers (0)
 static int g_bcq_int8 = 1;
 
+// Set on each thread of the native decoding step's thread team (anybit_decode_layers): a
+// kernel called there shares its loop over rows with that team (its `omp for` binds to the
+// enclosing region) instead of starting a team of its own, so that a token costs one fork
+// and join instead of one per linear, and the small operators between the linears are
+// split over the same threads.
+static thread_local bool t_team = false;
+
+// body() on a team of nthreads threads, or (inside the decoding team) on the calling team:
+// every thread runs body, whose `omp for` loops divide their iterations among the team.
+template <class F>
+static void run_team(int nthreads, const F& body) {
+    if (t_team) {
+        body();
+        return;
+    }
+#pragma omp parallel num_threads(nthreads)
+    body();
+}
+
+// f(i) for i in [0, n) as a work-sharing loop of the enclosing team, or all of it on every
+// thread of the decoding team (work whose result each thread keeps for itself: the
+// quantized activations of one token).
+template <class F>
+static inline void each_private(int64_t n, const F& f) {
+    if (t_team) {
+        for (int64_t i = 0; i < n; ++i) f(i);
+        return;
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) f(i);
+}
+
 namespace isa_scalar {
 #define ANYBIT_ISA 0
 #include "kernels_impl.inc"
@@ -310,6 +342,82 @@ static inline void lin_call(const AnybitLin& p, const float* x, float* y) {
 // One prepared linear at batch 1 (the decoding step's call), for timing its thread count.
 void anybit_lin_call(const AnybitLin* p, const float* x, float* y) { lin_call(*p, x, y); }
 
+// 1: the decoding step runs on one thread team (decode_layers_team), 0: one team per linear
+// (the path before it, kept for comparisons: anybit_set_decode_team)
+static int g_decode_team = 1;
+
+int anybit_set_decode_team(int on) {
+    const int old = g_decode_team;
+    g_decode_team = on ? 1 : 0;
+    return old;
+}
+
+// The largest thread count of a stack's linears (the team of decode_layers_team)
+static int stack_threads(const AnybitLayer* layers, int64_t L) {
+    int64_t t = 1;
+    for (int64_t l = 0; l < L; ++l) {
+        const AnybitLayer& ly = layers[l];
+        for (int64_t j = 0; j < ly.n_qkv; ++j) t = std::max(t, ly.qkv[j].threads);
+        for (int64_t j = 0; j < ly.n_gu; ++j) t = std::max(t, ly.gu[j].threads);
+        t = std::max(t, std::max(ly.o.threads, ly.down.threads));
+    }
+    return (int)t;
+}
+
+// anybit_decode_layers on one team of nthreads threads for the whole stack. Each thread keeps
+// its own copy of the residual x and of its norm (the same float operations in the same
+// order on every thread, so the copies agree) and quantizes the linears' input itself; what
+// the threads share is each linear's output rows (every linear ends with the barrier of its
+// row loop), the attention heads and the SiLU. Per layer: 7 barriers and no serial section,
+// against 4 forks and joins, 4 inner barriers and the norms, attention and SiLU on one
+// thread while the others wait.
+static void decode_layers_team(const AnybitLayer* layers, int64_t L, float* x, int64_t d, int64_t H, int64_t Hkv,
+                               int64_t D, int64_t ffn, int64_t maxT, int64_t pos, const float* cos, const float* sin,
+                               float scale, float* buf, int nthreads) {
+    float* qkv = buf + d;  // the layout of anybit_decode_layers (h, the first d floats, unused)
+    float* a = qkv + (H + 2 * Hkv) * D;
+    float* gu = a + H * D;
+    float* m = gu + 2 * ffn;
+    float* o = m + ffn;
+    const int64_t rep = H / Hkv, SPAN = 64, nspan = (ffn + SPAN - 1) / SPAN;
+#pragma omp parallel num_threads(nthreads)
+    {
+        t_team = true;
+        std::vector<float> own(2 * d + maxT);
+        float *xp = own.data(), *h = xp + d, *scores = h + d;
+        std::memcpy(xp, x, d * sizeof(float));
+        for (int64_t l = 0; l < L; ++l) {
+            const AnybitLayer& ly = layers[l];
+            anybit_rmsnorm(xp, ly.ln1, ly.eps1, h, 1, d);
+            for (int64_t j = 0, off = 0; j < ly.n_qkv; off += ly.qkv[j].N, ++j) lin_call(ly.qkv[j], h, qkv + off);
+            float *q = qkv, *k = qkv + H * D, *v = k + Hkv * D;
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < Hkv; ++g)
+                DISPATCH_DEC(kv_store(k + g * D, v + g * D, ly.kc, ly.vc, maxT, pos, g, D, ly.kn, ly.neps, cos, sin))
+#pragma omp for schedule(static)
+            for (int64_t hh = 0; hh < H; ++hh) {
+                const int64_t g = hh / rep;
+                DISPATCH_DEC(attn_head(q + hh * D, ly.kc + g * maxT * D, ly.vc + g * maxT * D, pos + 1, D, scale, ly.qn,
+                                       ly.neps, cos, sin, a + hh * D, scores))
+            }
+            lin_call(ly.o, a, o);
+            for (int64_t i = 0; i < d; ++i) xp[i] += o[i];
+            anybit_rmsnorm(xp, ly.ln2, ly.eps2, h, 1, d);
+            for (int64_t j = 0, off = 0; j < ly.n_gu; off += ly.gu[j].N, ++j) lin_call(ly.gu[j], h, gu + off);
+#pragma omp for schedule(static)
+            for (int64_t s = 0; s < nspan; ++s) {
+                const int64_t i0 = s * SPAN, n = std::min(SPAN, ffn - i0);
+                DISPATCH_DEC(silu_mul_span(gu + i0, gu + ffn + i0, n, m + i0))
+            }
+            lin_call(ly.down, m, o);
+            for (int64_t i = 0; i < d; ++i) xp[i] += o[i];
+        }
+#pragma omp master
+        std::memcpy(x, xp, d * sizeof(float));
+        t_team = false;
+    }
+}
+
 // The whole transformer stack for one token at position pos: x [d] (the embedding in, the
 // last hidden state out, before the final norm). buf: scratch of 2·d + (2·H + 2·Hkv)·D +
 // 3·ffn + maxT floats.
@@ -323,6 +431,11 @@ void anybit_decode_layers(const AnybitLayer* layers, int64_t L, float* x, int64_
     float* m = gu + 2 * ffn;
     float* o = m + ffn;
     float* scores = o + d;
+    const int nthreads = stack_threads(layers, L);
+    if (g_decode_team && nthreads > 1) {
+        decode_layers_team(layers, L, x, d, H, Hkv, D, ffn, maxT, pos, cos, sin, scale, buf, nthreads);
+        return;
+    }
     for (int64_t l = 0; l < L; ++l) {
         const AnybitLayer& ly = layers[l];
         anybit_rmsnorm(x, ly.ln1, ly.eps1, h, 1, d);
