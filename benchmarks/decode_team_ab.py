@@ -1,11 +1,13 @@
-"""A/B of the native decoding step's threading, in one process: the whole stack on one thread
-team per token (the default) against one team per linear (``anybit_set_decode_team(0)``).
+"""A/B of the native decoding step in one process: the whole stack on one thread team per
+token (the default) against one team per linear (``anybit_set_decode_team(0)``), or, with
+``--other SO``, this build against another build of the native library (both on one team).
 
 For each saved anybit model folder: the lean decoder prefills a short prompt, then decodes
-``--tokens`` greedy tokens, alternating the two modes round by round (``--rounds``); tok/s
-per round, the median ratio, and a check that both modes produce the same logits.
+``--tokens`` greedy tokens, alternating the two sides round by round (``--rounds``); tok/s
+per round, the median ratio (B / A), and whether both sides produce the same logits.
 
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int3g128 /tmp/anybit-e2e/w6a6 --rounds 6
+    python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int3g128 --other /tmp/base_native.so
 
 Nothing else may run meanwhile (two cores).
 """
@@ -20,11 +22,16 @@ import torch
 import anybit
 from anybit.kernels import native
 from anybit.nn.decoder import StaticDecoder
+from ab_native import load_other  # benchmarks/ab_native.py
 
 
 def run(dec: StaticDecoder, ids: torch.Tensor, tokens: int, team: int) -> tuple[float, torch.Tensor]:
-    """tok/s of ``tokens`` greedy steps after prefilling ``ids``, and their logits."""
-    dec.fast[0].anybit_set_decode_team(team)
+    """tok/s of ``tokens`` greedy steps after prefilling ``ids``, and their logits (the
+    library of ``dec``'s native step also runs its head)."""
+    lib = dec.fast[0]
+    native._lib = lib
+    if hasattr(lib, "anybit_set_decode_team"):
+        lib.anybit_set_decode_team(team)
     dec.reset()
     logits = dec(ids)
     out = []
@@ -36,6 +43,16 @@ def run(dec: StaticDecoder, ids: torch.Tensor, tokens: int, team: int) -> tuple[
     return tokens / dt, torch.cat(out)
 
 
+def decoder(model, max_len: int, lib) -> StaticDecoder:
+    """A lean decoder whose native step calls ``lib``."""
+    own = native._lib
+    native._lib = lib
+    try:
+        return StaticDecoder(model, max_len)
+    finally:
+        native._lib = own
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="anybit model folders")
@@ -43,28 +60,36 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--other", help="another build's _native*.so: compare it (A) with this build (B)")
     args = ap.parse_args()
     if not native.available():
         raise SystemExit("error: the native kernels are not built; run `python setup.py build_ext --inplace`")
     torch.set_num_threads(args.threads)
-    print(f"| model | tok/s, team per linear | tok/s, one team per token | median ratio | same logits |")
+    own = native._load()
+    if args.other:
+        own, other = load_other(args.other)
+        sides, names = ((other, 1), (own, 1)), ("other build", "this build")
+    else:
+        sides, names = ((own, 0), (own, 1)), ("team per linear", "one team per token")
+    print(f"| model | tok/s, {names[0]} (A) | tok/s, {names[1]} (B) | median ratio B / A | same logits |")
     print("|---|---|---|---|---|")
     for path in args.models:
         model, _ = anybit.load(path)
         ids = (torch.arange(args.prompt_tokens)[None] * 7919) % (model.config.vocab_size - 1) + 1
-        dec = StaticDecoder(model, args.prompt_tokens + args.tokens + 1)
-        if dec.fast is None:
+        decs = [decoder(model, args.prompt_tokens + args.tokens + 1, lib) for lib, _ in sides]
+        if any(d.fast is None for d in decs):
             print(f"| {path} | (no native step for this model) | | | |")
             continue
         speed: dict[int, list[float]] = {0: [], 1: []}
         outs: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
             for r in range(args.rounds):
-                for team in ((0, 1) if r % 2 == 0 else (1, 0)):
-                    s, out = run(dec, ids, args.tokens, team)
-                    speed[team].append(s)
-                    outs.setdefault(team, out)
-        dec.fast[0].anybit_set_decode_team(1)
+                for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    s, out = run(decs[i], ids, args.tokens, sides[i][1])
+                    speed[i].append(s)
+                    outs.setdefault(i, out)
+        native._lib = own
+        own.anybit_set_decode_team(1)
         same = torch.equal(outs[0], outs[1])
         ratio = statistics.median(speed[1]) / statistics.median(speed[0])
         fmt = lambda v: " ".join(f"{x:.1f}" for x in v)  # noqa: E731
