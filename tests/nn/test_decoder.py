@@ -165,9 +165,9 @@ def test_native_step_on_one_thread_team_equals_a_team_per_linear(cfg, family):
     d = StaticDecoder(model, 24)
     assert d.fast is not None
     lib, table = d.fast[0], d.fast[1]
-    for row in table:  # both paths on three threads (the team only forms with more than one)
+    for row in table:  # both paths on two threads (the team only forms with more than one)
         for lin in [*row.qkv[:row.n_qkv], row.o, *row.gu[:row.n_gu], row.down]:
-            lin.threads = 3
+            lin.threads = 2
     runs = []
     try:
         for team in (1, 0):
