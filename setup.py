@@ -9,6 +9,19 @@ kernels and says so once.
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExt(build_ext):
+    """build_ext that replaces an existing library file instead of rewriting it: a process
+    that has the old library mapped (a long quantization run) keeps reading the old file,
+    where writing into it in place (what copy_file does for --inplace) crashed such
+    processes with SIGBUS/SIGSEGV."""
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        if os.path.isfile(outfile) and not os.path.samefile(infile, outfile):
+            os.unlink(outfile)
+        return super().copy_file(infile, outfile, *args, **kwargs)
 
 ext_modules = []
 if os.environ.get("ANYBIT_NO_NATIVE") != "1":
@@ -25,4 +38,4 @@ if os.environ.get("ANYBIT_NO_NATIVE") != "1":
         extra_link_args=["-fopenmp"],
     ))
 
-setup(ext_modules=ext_modules)
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
