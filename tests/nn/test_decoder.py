@@ -148,16 +148,20 @@ def test_native_step_runs_bcq_and_bitplane_layers(cfg):
 @pytest.mark.parametrize("cfg", [dict(method="rtn", wbits=3, group_size=32),
                                  dict(method="rtn", wbits=4, group_size=64),
                                  dict(method="bcq", wbits=3, group_size=64),
-                                 dict(method="rtn", wbits=6, abits=6, group_size=-1)],
-                         ids=["int3-g32", "int4-g64", "bcq-w3", "bitplane-w6a6"])
+                                 dict(method="rtn", wbits=6, abits=6, group_size=-1),
+                                 dict(method="rtn", wbits=4, abits=8, group_size=-1, popcount=True)],
+                         ids=["int3-g32", "int4-g64", "bcq-w3", "bitplane-w6a6", "bitplane-w4a8-popcount"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_native_step_on_one_thread_team_equals_a_team_per_linear(cfg, family):
+def test_native_step_on_one_thread_team_equals_a_team_per_linear(cfg, family, monkeypatch):
     """The whole stack on one thread team (each thread quantizing the linears' input itself,
     heads and SiLU split over the team) gives the bits of the path with a team per linear."""
     from anybit.kernels import native
 
     if not native.available():
         pytest.skip("native kernels not built")
+    cfg = dict(cfg)
+    if cfg.pop("popcount", False):  # the AND+popcount bit-plane kernel (kind 2) instead of integer dots
+        monkeypatch.setattr(native, "BITPLANE_DOTS", False)
     kw = {"head_dim": 32} if family == "qwen3" else {}
     model = tiny_model(family, hidden_size=128, intermediate_size=320, **kw)  # 320: a SiLU span cut short
     quantize(model, QuantConfig(**cfg))
@@ -165,6 +169,8 @@ def test_native_step_on_one_thread_team_equals_a_team_per_linear(cfg, family):
     d = StaticDecoder(model, 24)
     assert d.fast is not None
     lib, table = d.fast[0], d.fast[1]
+    if not native.BITPLANE_DOTS:
+        assert table[0].o.kind == 2
     for row in table:  # both paths on two threads (the team only forms with more than one)
         for lin in [*row.qkv[:row.n_qkv], row.o, *row.gu[:row.n_gu], row.down]:
             lin.threads = 2
