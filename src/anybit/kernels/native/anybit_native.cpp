@@ -371,14 +371,11 @@ static int stack_threads(const AnybitLayer* layers, int64_t L) {
 // row loop), the attention heads and the SiLU. Per layer: 7 barriers and no serial section,
 // against 4 forks and joins, 4 inner barriers and the norms, attention and SiLU on one
 // thread while the others wait.
+// qkv, a, gu, m, o: the shared scratch of anybit_decode_layers (each thread's norm output and
+// attention scores are its own).
 static void decode_layers_team(const AnybitLayer* layers, int64_t L, float* x, int64_t d, int64_t H, int64_t Hkv,
                                int64_t D, int64_t ffn, int64_t maxT, int64_t pos, const float* cos, const float* sin,
-                               float scale, float* buf, int nthreads) {
-    float* qkv = buf + d;  // the layout of anybit_decode_layers (h, the first d floats, unused)
-    float* a = qkv + (H + 2 * Hkv) * D;
-    float* gu = a + H * D;
-    float* m = gu + 2 * ffn;
-    float* o = m + ffn;
+                               float scale, float* qkv, float* a, float* gu, float* m, float* o, int nthreads) {
     const int64_t rep = H / Hkv, SPAN = 64, nspan = (ffn + SPAN - 1) / SPAN;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -433,7 +430,7 @@ void anybit_decode_layers(const AnybitLayer* layers, int64_t L, float* x, int64_
     float* scores = o + d;
     const int nthreads = stack_threads(layers, L);
     if (g_decode_team && nthreads > 1) {
-        decode_layers_team(layers, L, x, d, H, Hkv, D, ffn, maxT, pos, cos, sin, scale, buf, nthreads);
+        decode_layers_team(layers, L, x, d, H, Hkv, D, ffn, maxT, pos, cos, sin, scale, qkv, a, gu, m, o, nthreads);
         return;
     }
     for (int64_t l = 0; l < L; ++l) {
