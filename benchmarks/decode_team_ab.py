@@ -1,6 +1,8 @@
 """A/B of the native decoding step in one process: the whole stack on one thread team per
 token (the default) against one team per linear (``anybit_set_decode_team(0)``), or, with
-``--other SO``, this build against another build of the native library (both on one team).
+``--other SO``, this build against another build of the native library (both on one team),
+or, with ``--bcq-fuse``, BCQ decoding with Q/K/V and gate/up as one LUT-GEMM call each
+(``native.BCQ_FUSE``, B; prefill too) against one call per linear (A).
 
 For each saved anybit model folder: the lean decoder prefills a short prompt, then decodes
 ``--tokens`` greedy tokens, alternating the two sides round by round (``--rounds``); tok/s
@@ -8,6 +10,7 @@ per round, the median ratio (B / A), and whether both sides produce the same log
 
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int3g128 /tmp/anybit-e2e/w6a6 --rounds 6
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int3g128 --other /tmp/base_native.so
+    python benchmarks/decode_team_ab.py /tmp/anybit-e2e/bcq3g128 --bcq-fuse
 
 Nothing else may run meanwhile (two cores).
 """
@@ -43,14 +46,14 @@ def run(dec: StaticDecoder, ids: torch.Tensor, tokens: int, team: int) -> tuple[
     return tokens / dt, torch.cat(out)
 
 
-def decoder(model, max_len: int, lib) -> StaticDecoder:
-    """A lean decoder whose native step calls ``lib``."""
-    own = native._lib
-    native._lib = lib
+def decoder(model, max_len: int, lib, fuse: bool = True) -> StaticDecoder:
+    """A lean decoder whose native step calls ``lib`` (``fuse``: BCQ Q/K/V and gate/up fused)."""
+    own, own_fuse = native._lib, native.BCQ_FUSE
+    native._lib, native.BCQ_FUSE = lib, fuse
     try:
         return StaticDecoder(model, max_len)
     finally:
-        native._lib = own
+        native._lib, native.BCQ_FUSE = own, own_fuse
 
 
 def main() -> None:
@@ -61,14 +64,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--other", help="another build's _native*.so: compare it (A) with this build (B)")
+    ap.add_argument("--bcq-fuse", action="store_true",
+                    help="BCQ Q/K/V and gate/up fused (B) against one call per linear (A)")
     args = ap.parse_args()
     if not native.available():
         raise SystemExit("error: the native kernels are not built; run `python setup.py build_ext --inplace`")
     torch.set_num_threads(args.threads)
     own = native._load()
+    fuse = (True, True)
     if args.other:
         own, other = load_other(args.other)
         sides, names = ((other, 1), (own, 1)), ("other build", "this build")
+    elif args.bcq_fuse:
+        sides, names, fuse = ((own, 1), (own, 1)), ("a call per linear", "BCQ fused"), (False, True)
     else:
         sides, names = ((own, 0), (own, 1)), ("team per linear", "one team per token")
     print(f"| model | tok/s, {names[0]} (A) | tok/s, {names[1]} (B) | median ratio B / A | same logits |")
@@ -76,7 +84,7 @@ def main() -> None:
     for path in args.models:
         model, _ = anybit.load(path)
         ids = (torch.arange(args.prompt_tokens)[None] * 7919) % (model.config.vocab_size - 1) + 1
-        decs = [decoder(model, args.prompt_tokens + args.tokens + 1, lib) for lib, _ in sides]
+        decs = [decoder(model, args.prompt_tokens + args.tokens + 1, lib, f) for (lib, _), f in zip(sides, fuse)]
         if any(d.fast is None for d in decs):
             print(f"| {path} | (no native step for this model) | | | |")
             continue
@@ -90,10 +98,12 @@ def main() -> None:
                     outs.setdefault(i, out)
         native._lib = own
         own.anybit_set_decode_team(1)
-        same = torch.equal(outs[0], outs[1])
+        same = "yes" if torch.equal(outs[0], outs[1]) else "NO"
+        if same == "NO" and torch.equal(outs[0].argmax(-1), outs[1].argmax(-1)):
+            same = f"no: same tokens, max |Δlogit| {(outs[0] - outs[1]).abs().max().item():.2g}"
         ratio = statistics.median(speed[1]) / statistics.median(speed[0])
         fmt = lambda v: " ".join(f"{x:.1f}" for x in v)  # noqa: E731
-        print(f"| {path} | {fmt(speed[0])} | {fmt(speed[1])} | ×{ratio:.3f} | {'yes' if same else 'NO'} |")
+        print(f"| {path} | {fmt(speed[0])} | {fmt(speed[1])} | ×{ratio:.3f} | {same} |")
 
 
 if __name__ == "__main__":

@@ -201,13 +201,15 @@ def test_bcq_int8_tables(bits, group):
     """AVX2's int8-table (vpshufb) BCQ kernel: equal to the emulation of its arithmetic, and
     within the table rounding of the float reference; odd chunk counts per group (24, 8),
     K not a multiple of 8, K long enough for the int16 flush (1536 / 8 > 128 chunks), N split
-    into row slices that are not all the same size (600 rows: 160, 160, 160, 128)."""
+    into row slices that are not all the same size (600 rows: 160, 160, 160, 128), and a
+    product large enough for a thread team (520 x 1024 x 2: every thread reads the caller's
+    tables), and a prompt's rows (40: all rows' tables, then every row per row slice)."""
     if native.cpu_isa() == "scalar":
         pytest.skip("the int8-table BCQ kernel needs AVX2")
     prev = native.isa()
     native.set_isa("avx2")
     try:
-        for n, k, m in SHAPES + [(19, 1536, 2), (33, 1100, 1), (600, 136, 1)]:
+        for n, k, m in SHAPES + [(19, 1536, 2), (33, 1100, 1), (600, 136, 1), (520, 1024, 2), (48, 200, 40)]:
             q = QuantLinear.from_linear(linear(n, k), FormatSpec("bcq", bits, group), fit="greedy")
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k))
             with kernels.use("native"):
@@ -252,10 +254,10 @@ def test_pot_dequantize_kernel_is_bit_exact_and_int_matches():
 
 @pytest.mark.parametrize("fmt", ["int", "pot", "bcq"])
 def test_large_batches_dequantize_then_blas(fmt):
-    """Above MAX_ROWS (and the int8 kernel's) rows: a dequantized weight in the scratch buffer
-    and BLAS (no float copy cached on the layer, BCQ included)."""
+    """Above MAX_ROWS (and the int8 kernel's, and BCQ's LUT-GEMM's) rows: a dequantized
+    weight in the scratch buffer and BLAS (no float copy cached on the layer, BCQ included)."""
     q = QuantLinear.from_linear(linear(8, 64), FormatSpec(fmt, 3, 32))
-    x = torch.randn(native.q8_rows() + 1, 64)  # above the int8 kernel's rows too
+    x = torch.randn(max(native.q8_rows(), native.BCQ_MAX_ROWS) + 1, 64)  # above every kernel's rows
     with kernels.use("reference"):
         ref = q(x)
     q._dequant_cache = None
@@ -312,7 +314,7 @@ def test_bcq_dequantize_and_long_prompts(bits, group):
         q = QuantLinear.from_linear(linear(n, k), FormatSpec("bcq", bits, group))
         w = native.bcq_dequantize(q)
         torch.testing.assert_close(w, q.dequantize_weight(), rtol=1e-6, atol=1e-6)
-        m = native.MAX_ROWS + 5
+        m = native.BCQ_MAX_ROWS + 5
         check(q, m, k)
         q._dequant_cache = None  # the reference run in check() caches its float weight
         with kernels.use("native"):

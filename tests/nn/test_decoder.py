@@ -140,6 +140,9 @@ def test_native_step_runs_bcq_and_bitplane_layers(cfg):
     fast, slow = StaticDecoder(model, 24), StaticDecoder(model, 24)
     slow.fast = None
     assert fast.fast is not None
+    if cfg["method"] == "bcq":  # Q/K/V and gate/up fused into one LUT-GEMM call each, in prefill too
+        assert [(row.n_qkv, row.n_gu) for row in fast.fast[1]] == [(1, 1)] * len(fast.fast[1])
+        assert all(isinstance(p[0], native.BCQPlan) and isinstance(p[2], native.BCQPlan) for p in fast.plans)
     torch.testing.assert_close(fast(ids[:, :8]), slow(ids[:, :8]), atol=1e-4, rtol=1e-4)
     for j in range(8, 16):
         _close_up_to_int8_flips(fast(ids[:, j:j + 1]), slow(ids[:, j:j + 1]))

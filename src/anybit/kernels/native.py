@@ -436,9 +436,11 @@ def _prep_bcq(module):
     chunks = planes.shape[2]
     # blocks of 16 rows: [Npad/16, q, chunks, 16]
     planes_b = planes.reshape(q, npad // 16, 16, chunks).permute(1, 0, 3, 2).contiguous()
-    alpha = module.alpha.float()  # [N, G, q]
-    alpha_t = _pad_rows(alpha.permute(1, 2, 0), npad, 2).contiguous()  # [G, q, Npad]
-    offset_t = _pad_rows(module.offset.float().t(), npad, 1).contiguous()  # [G, Npad]
+    alpha = _pad_rows(module.alpha.float(), npad, 0)  # [Npad, G, q]
+    ng = alpha.shape[1]
+    # blocks of 16 rows too: [Npad/16, G, q, 16] and [Npad/16, G, 16]
+    alpha_t = alpha.reshape(npad // 16, 16, ng, q).permute(0, 2, 3, 1).contiguous()
+    offset_t = _pad_rows(module.offset.float(), npad, 0).reshape(npad // 16, 16, ng).permute(0, 2, 1).contiguous()
     return {"planes": planes_b, "alpha": alpha_t, "offset": offset_t, "npad": npad, "bias": _bias(module)}
 
 
@@ -460,8 +462,15 @@ def bcq_dequantize(module, out: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
+# The LUT-GEMM runs every row of a call against one row slice at a time (the slice's plane
+# bytes stay in cache) and beats dequantize + fp32 BLAS up to ~256 rows on SmolLM2's and
+# the 4096 shapes (2 threads, AVX2 int8 tables; about even at 512). ANYBIT_BCQ_MAX_ROWS
+# overrides.
+BCQ_MAX_ROWS = int(os.environ.get("ANYBIT_BCQ_MAX_ROWS", os.environ.get("ANYBIT_NATIVE_MAX_ROWS", "256")))
+
+
 def bcq_linear(x: torch.Tensor, module) -> torch.Tensor:
-    if _too_many_rows(x, module.in_features):  # a prompt: dequantize into the scratch weight + BLAS
+    if _too_many_rows(x, module.in_features, BCQ_MAX_ROWS):  # dequantize into the scratch weight + BLAS
         w = bcq_dequantize(module, out=_scratch_weight(*module.shape))
         return torch.nn.functional.linear(x, w.to(x.dtype), module.bias)
     d = _cached(module, _prep_bcq)
@@ -703,11 +712,13 @@ class LayerStruct(ctypes.Structure):
 
 
 def lin_struct(item) -> LinStruct | None:
-    """The native decoding step's view of a :class:`Q8Plan`, or of one BCQ / bit-plane
+    """The native decoding step's view of a :class:`Q8Plan` or :class:`BCQPlan`, or of one BCQ / bit-plane
     QuantLinear whose batch-1 kernel applies (None: it needs the PyTorch path). The
     module's kernel layout is cached on it; the struct only points into it."""
     from ..nn.qlinear import QuantLinear
 
+    if isinstance(item, BCQPlan):
+        return item.struct
     if isinstance(item, Q8Plan):
         (k, w, row_bytes, n, bits, g, ng, block, scales, szs, bias) = item.args
         return LinStruct(kind=0, K=k, N=n, threads=item.threads, bias=bias, w=w, row_bytes=row_bytes, bits=bits,
@@ -742,6 +753,59 @@ def _module_struct(item) -> LinStruct | None:
                          szs=_ptr(d["zw"]), wsum=_ptr(d["wsum"]), abits=act.bits, asym=int(not act.sym),
                          agroup=-1 if act.group_size == -1 else g)
     return None
+
+
+# False: BCQ linears of one input stay separate calls (for comparisons)
+BCQ_FUSE = True
+
+
+class BCQPlan:
+    """One BCQ LUT-GEMM call for several BCQ linears that read the same input (Q/K/V,
+    gate/up): their row blocks, scales and offsets concatenated along N, so that a token
+    builds the activation tables once per input instead of once per linear, and the thread
+    team passes one barrier instead of three. Built from the packed tensors (not cached on
+    the modules: one copy of the layout); frozen at construction, as :class:`Q8Plan`."""
+
+    def __init__(self, modules: list):
+        spec, k = modules[0].spec, modules[0].in_features
+        parts = [_prep_bcq(m) for m in modules]
+        self.sizes = [m.out_features for m in modules]
+        self.k, self.n = k, sum(self.sizes)
+        planes = torch.cat([p["planes"] for p in parts], 0).contiguous()  # [Npad/16, q, chunks, 16]
+        alpha = torch.cat([p["alpha"] for p in parts], 0).contiguous()  # [Npad/16, G, q, 16]
+        offset = torch.cat([p["offset"] for p in parts], 0).contiguous()  # [Npad/16, G, 16]
+        bias = None
+        if any(p["bias"] is not None for p in parts):
+            bias = torch.cat([p["bias"] if p["bias"] is not None else torch.zeros(s) for p, s in zip(parts, self.sizes)])
+        self._keep = (planes, alpha, offset, bias)
+        drop_file_pages(t for m in modules for t in m.packed().values())
+        g, ng = _group(spec, k)
+        self.struct = LinStruct(kind=1, K=k, N=self.n, threads=_threads(self.n * k), bias=_ptr(bias), w=_ptr(planes),
+                                bits=spec.bits, gsize=g, G=ng, Npad=self.n, alpha=_ptr(alpha), offset=_ptr(offset))
+        self.struct.threads = _struct_threads(self.struct)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` float32 ``[rows, K]`` contiguous (rows <= BCQ_MAX_ROWS) -> ``[rows, N]``."""
+        st, m = self.struct, x.shape[0]
+        y = torch.empty(m, self.n, dtype=torch.float32) if out is None else out
+        threads = st.threads if m == 1 else _threads(m * self.n * self.k)
+        _lib.anybit_bcq_gemm(x.data_ptr(), m, st.K, st.w, st.Npad, st.N, st.bits, st.gsize, st.G, st.alpha, st.offset,
+                             st.bias, y.data_ptr(), threads)
+        return y
+
+
+def bcq_plan(modules: list) -> BCQPlan | None:
+    """A :class:`BCQPlan` for two or more BCQ linears with the same spec and input whose
+    row counts are multiples of 16 (no padding rows between them), else None."""
+    from ..nn.qlinear import QuantLinear
+
+    if not BCQ_FUSE or _load() is None or len(modules) < 2 or not all(isinstance(m, QuantLinear) for m in modules):
+        return None
+    first = modules[0]
+    if not all(m.spec == first.spec and m.spec.format in ("bcq", "bcq16") and bcq_supported(m)
+               and m.in_features == first.in_features and m.out_features % 16 == 0 for m in modules):
+        return None
+    return BCQPlan(modules)
 
 
 def q8_plan(modules: list) -> Q8Plan | None:
