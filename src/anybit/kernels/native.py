@@ -463,9 +463,10 @@ def bcq_dequantize(module, out: torch.Tensor | None = None) -> torch.Tensor:
 
 
 # The LUT-GEMM runs every row of a call against one row slice at a time (the slice's plane
-# bytes stay in cache) and beats dequantize + fp32 BLAS up to ~256 rows on SmolLM2's and
-# the 4096 shapes (2 threads, AVX2 int8 tables; about even at 512). ANYBIT_BCQ_MAX_ROWS
-# overrides.
+# bytes stay in cache). Measured with benchmarks/prefill_split.py (2 threads, AVX2 int8
+# tables): faster than dequantize + fp32 BLAS at 128 rows on every SmolLM2 shape (192x576
+# even) and at 256 rows on the fused Q/K/V and gate/up shapes, 576x1536 and 4096x4096; 2-15 %
+# slower at 256 rows on 576x576 and 192x576. ANYBIT_BCQ_MAX_ROWS overrides.
 BCQ_MAX_ROWS = int(os.environ.get("ANYBIT_BCQ_MAX_ROWS", os.environ.get("ANYBIT_NATIVE_MAX_ROWS", "256")))
 
 
