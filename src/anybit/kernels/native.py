@@ -466,8 +466,10 @@ def bcq_dequantize(module, out: torch.Tensor | None = None) -> torch.Tensor:
 # bytes stay in cache). Measured with benchmarks/prefill_split.py (2 threads, AVX2 int8
 # tables): faster than dequantize + fp32 BLAS at 128 rows on every SmolLM2 shape (192x576
 # even) and at 256 rows on the fused Q/K/V and gate/up shapes, 576x1536 and 4096x4096; 2-15 %
-# slower at 256 rows on 576x576 and 192x576. ANYBIT_BCQ_MAX_ROWS overrides.
-BCQ_MAX_ROWS = int(os.environ.get("ANYBIT_BCQ_MAX_ROWS", os.environ.get("ANYBIT_NATIVE_MAX_ROWS", "256")))
+# slower at 256 rows on 576x576 and 192x576. The limit is the int8 INT kernel's (128): its
+# int8 tables round like int8 activations, and evaluations of 256-token windows (stories260K)
+# stay on the exact dequantize + BLAS path, as INT's do. ANYBIT_BCQ_MAX_ROWS overrides.
+BCQ_MAX_ROWS = int(os.environ.get("ANYBIT_BCQ_MAX_ROWS", os.environ.get("ANYBIT_NATIVE_MAX_ROWS", "128")))
 
 
 def bcq_linear(x: torch.Tensor, module) -> torch.Tensor:
