@@ -609,6 +609,13 @@ KERNELS = {"int": (int_linear, weight_only_supported), "pot": (pot_linear, weigh
 
 # ------------------------------------------------------------------------ decoding plans
 
+def _fused_bias(parts: list, sizes: list[int]) -> torch.Tensor | None:
+    """The biases of fused linears concatenated along N (zeros for those without), or None."""
+    if all(p["bias"] is None for p in parts):
+        return None
+    return torch.cat([p["bias"] if p["bias"] is not None else torch.zeros(n) for p, n in zip(parts, sizes)])
+
+
 class Q8Plan:
     """One int8-activation kernel call prepared for the rows of several INT/PoT linears that
     read the same input (Q/K/V, gate/up): their layouts concatenated along N so that a
@@ -626,9 +633,7 @@ class Q8Plan:
         w = torch.cat([p["w"] for p in parts], 0).contiguous()
         scales = torch.cat([p["scales"] for p in parts], 0).contiguous()
         szs = torch.cat([p["szs"] for p in parts], 0).contiguous()
-        bias = None
-        if any(p["bias"] is not None for p in parts):
-            bias = torch.cat([p["bias"] if p["bias"] is not None else torch.zeros(s) for p, s in zip(parts, self.sizes)])
+        bias = _fused_bias(parts, self.sizes)
         g, ng = _group(spec, k)
         self._keep = (w, scales, szs, bias, parts[0]["table"])
         keep = {t.untyped_storage().data_ptr() for t in self._keep if t is not None}
@@ -777,9 +782,7 @@ class BCQPlan:
         planes = torch.cat([p["planes"] for p in parts], 0).contiguous()  # [Npad/16, q, chunks, 16]
         alpha = torch.cat([p["alpha"] for p in parts], 0).contiguous()  # [Npad/16, G, q, 16]
         offset = torch.cat([p["offset"] for p in parts], 0).contiguous()  # [Npad/16, G, 16]
-        bias = None
-        if any(p["bias"] is not None for p in parts):
-            bias = torch.cat([p["bias"] if p["bias"] is not None else torch.zeros(s) for p, s in zip(parts, self.sizes)])
+        bias = _fused_bias(parts, self.sizes)
         self._keep = (planes, alpha, offset, bias)
         drop_file_pages(t for m in modules for t in m.packed().values())
         g, ng = _group(spec, k)
