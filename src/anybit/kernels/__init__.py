@@ -29,12 +29,19 @@ _REGISTRY: dict[str, dict[str, tuple[LinearFn, Supports | None]]] = {"reference"
 # preference order for "auto"
 _PRIORITY: list[str] = ["reference"]
 _current: str | None = None
+# backend -> format -> maker(module) of a prepared call (or None), see linear()
+_FAST: dict[str, dict[str, Callable]] = {}
 
 
-def register(backend: str, fmt: str, fn: LinearFn, priority: int = 0, supports: Supports | None = None) -> None:
+def register(backend: str, fmt: str, fn: LinearFn, priority: int = 0, supports: Supports | None = None,
+             fast: Callable | None = None) -> None:
     """Register ``fn`` as ``backend``'s kernel for weight format ``fmt``; ``supports(x, module)``
-    says whether it can run a given call (None: every call)."""
+    says whether it can run a given call (None: every call). ``fast(x, module)``: optionally, a
+    prepared call for that module made after ``fn`` ran on ``x`` (or None: none for such
+    calls), ``call(x, module) -> y or None`` with ``call.valid(module)`` (see :func:`linear`)."""
     _REGISTRY.setdefault(backend, {})[fmt] = (fn, supports)
+    if fast is not None:
+        _FAST.setdefault(backend, {})[fmt] = fast
     if backend not in _PRIORITY:
         _PRIORITY.insert(priority, backend)
 
@@ -82,7 +89,23 @@ def choose(x: torch.Tensor, module) -> tuple[str, LinearFn]:
 
 
 def linear(x: torch.Tensor, module) -> torch.Tensor:
-    return choose(x, module)[1](x, module)
+    """``module`` on ``x`` with the kernel :func:`choose` picks. Where that backend prepared a
+    call for the module (its constant arguments converted once), later calls try it first: it
+    serves the calls it can (the kernels are the same) and answers None to the others, and it
+    is dropped when the backend preference changes or it is no longer valid for the module."""
+    prefs = (_current, os.environ.get("ANYBIT_KERNEL"))
+    fast = module.__dict__.get("_anybit_fast")
+    if fast is not None and fast[0] == prefs:
+        y = fast[1](x, module)
+        if y is not None:
+            return y
+    backend, fn = choose(x, module)
+    y = fn(x, module)
+    maker = _FAST.get(backend, {}).get(module.spec.format)
+    if maker is not None and (fast is None or fast[0] != prefs or not fast[1].valid(module)):
+        call = maker(x, module)
+        module.__dict__["_anybit_fast"] = None if call is None else (prefs, call)
+    return y
 
 
 def _register_native() -> None:
@@ -90,7 +113,7 @@ def _register_native() -> None:
 
     if native.available():
         for fmt, (fn, supports) in native.KERNELS.items():
-            register("native", fmt, fn, priority=0, supports=supports)
+            register("native", fmt, fn, priority=0, supports=supports, fast=native.fast_linear)
 
 
 _register_native()

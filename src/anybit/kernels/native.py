@@ -75,6 +75,9 @@ def _load():
         lib.anybit_silu_mul.argtypes = [p, i64, i64, p]
         lib.anybit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, c_float, p]
         lib.anybit_lin_call.argtypes = [p, p, p]
+        if hasattr(lib, "anybit_lin_rows"):  # older builds (benchmarks/ab_native.py loads them) lack it
+            lib.anybit_lin_rows.argtypes = [p, p, i64, p, c_int]
+            lib.anybit_lin_rows.restype = None
         for f in ("anybit_decode_layers", "anybit_rmsnorm", "anybit_attn_decode", "anybit_silu_mul", "anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
                   "anybit_int_q8_gemm", "anybit_bitplane_q8_gemm", "anybit_bcq_dequant", "anybit_lin_call"):
             getattr(lib, f).restype = None
@@ -115,8 +118,13 @@ def q8_kernel() -> str | None:
     return {2: "vnni", 1: "avx2"}.get(int(_load().anybit_has_q8())) if available() else None
 
 
+_isa_gen = 0  # bumped by set_isa: prepared calls (FastLinear) built before it are stale
+
+
 def set_isa(name: str) -> str:
     """Use ``name`` (capped at the CPU's best); returns the one in use."""
+    global _isa_gen
+    _isa_gen += 1
     return ISA_NAMES[_load().anybit_set_isa(ISAS[name])]
 
 
@@ -827,3 +835,86 @@ def q8_plan(modules: list) -> Q8Plan | None:
     if len(modules) > 1 and any(m.out_features % Q8_ROWS for m in modules):
         return None
     return Q8Plan(modules)
+
+
+# ------------------------------------------------------------------ eager calls, prepared once
+
+def _routing() -> tuple:
+    """What decides which native kernel and layout serve a module: the library loaded (the A/B
+    scripts swap it), the ISA in use and the switches between kernels."""
+    return (_lib, _isa_gen, INT_ACT8, BITPLANE_DOTS, FAST_LINEAR)
+
+
+def _fast_limit(kind: int) -> int:
+    """The most activation rows the kernel of ``kind`` takes (the full dispatch's limits, read
+    per call: benchmarks and tests change them)."""
+    return BCQ_MAX_ROWS if kind == 1 else MAX_ROWS_BITPLANE if kind == 2 else q8_rows()
+
+
+class FastLinear:
+    """One QuantLinear's native kernel prepared for eager calls: ``kernels.linear`` asks it
+    before the full dispatch. The full path (backend choice, predicates, the layout cache's
+    lookup, reshapes and dtype casts, ~16 converted ctypes arguments) costs ~75 µs per call on
+    the 2-core AVX2 machine, more than a SmolLM2-sized GEMV takes; this one checks the input and
+    that nothing it was built from changed, and makes one call with the layout's
+    :class:`LinStruct`. Batch 1 runs on the thread count :func:`pick_threads` measured for the
+    shape (as the decoding step does). It answers None to a call it does not serve (not
+    float32/CPU/contiguous, more rows than its kernel takes, a changed module or setting),
+    which then takes the full dispatch, where the kernels are the same."""
+
+    __slots__ = ("key", "spec", "act", "routing", "nthreads", "st", "addr", "n", "k", "kind", "_keep")
+
+    def __init__(self, module, st: LinStruct, keep):
+        self.key, self.spec, self.act = module.packed_key(), module.spec, module.act
+        self.routing, self.nthreads = _routing(), torch.get_num_threads()
+        self.st, self.addr, self.n, self.k, self.kind = st, ctypes.addressof(st), st.N, st.K, st.kind
+        self._keep = keep  # the layout the struct points into stays alive with it
+
+    def valid(self, module) -> bool:
+        return (module.packed_key() == self.key and module.spec is self.spec and module.act is self.act
+                and _routing() == self.routing and torch.get_num_threads() == self.nthreads)
+
+    def __call__(self, x: torch.Tensor, module) -> torch.Tensor | None:
+        if x.dtype is not torch.float32 or not x.is_cpu or x.shape[-1] != self.k or not x.is_contiguous():
+            return None
+        rows = x.numel() // self.k
+        if not 0 < rows <= _fast_limit(self.kind) or not self.valid(module):
+            return None
+        y = torch.empty(*x.shape[:-1], self.n, dtype=torch.float32)
+        threads = self.st.threads if rows == 1 else _threads(rows * self.n * self.k)
+        _lib.anybit_lin_rows(self.addr, x.data_ptr(), rows, y.data_ptr(), threads)
+        return y
+
+
+# False: no prepared calls, every eager call takes the full dispatch (ANYBIT_FAST_LINEAR=0; for comparisons)
+FAST_LINEAR = os.environ.get("ANYBIT_FAST_LINEAR", "1") != "0"
+
+
+def fast_linear(x: torch.Tensor, module) -> FastLinear | None:
+    """A :class:`FastLinear` for ``module``, made after a call on ``x`` that it would have
+    served (float32, few enough rows: a layout is not built for calls that never use it), where
+    its native kernel is one of the prepared kinds (the int8 INT/PoT kernel, the BCQ LUT-GEMM,
+    bit-plane), else None (e.g. the float INT/PoT kernels: groups that are not a multiple of
+    32, ``ANYBIT_INT_ACT8=0``)."""
+    if not FAST_LINEAR or _load() is None or not hasattr(_lib, "anybit_lin_rows") or x.dtype is not torch.float32:
+        return None
+    fmt = module.spec.format
+    kind = 0 if fmt in ("int", "pot", "potz") else 1 if fmt in ("bcq", "bcq16") else 3 if bitplane_dots(module) else 2
+    if x.numel() // max(x.shape[-1], 1) > _fast_limit(kind):
+        return None
+    if module.spec.format in ("int", "pot", "potz"):
+        if not _q8_usable(module):
+            return None
+        d = _cached(module, _prep_int_q8)
+        spec, (n, k) = module.spec, module.shape
+        g, ng = _group(spec, k)
+        st = LinStruct(kind=0, K=k, N=n, bias=_ptr(d["bias"]), w=_ptr(d["w"]), row_bytes=d["w"].shape[1] // Q8_ROWS,
+                       bits=spec.bits, gsize=g, G=ng, B=q8_block(spec, k), scales=_ptr(d["scales"]),
+                       szs=_ptr(d["szs"]), table=_ptr(d["table"]))
+    else:
+        st = _module_struct(module)
+        if st is None:
+            return None
+        d = module._native_cache[1]  # the layouts _module_struct pointed st into
+    st.threads = _struct_threads(st)
+    return FastLinear(module, st, d)

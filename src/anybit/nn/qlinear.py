@@ -34,6 +34,11 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._anybit_handle = ops.register(self)  # how the traced operator finds this layer
 
+    def __getstate__(self):  # the prepared native call points into this module's layouts
+        state = self.__dict__.copy()
+        state.pop("_anybit_fast", None)
+        return state
+
     def __setstate__(self, state):  # copy.deepcopy, pickle: the copy gets its own handle
         super().__setstate__(state)
         self._anybit_handle = ops.register(self)

@@ -317,30 +317,39 @@ struct AnybitLayer {
     float *kc, *vc;
 };
 
-static inline void lin_call(const AnybitLin& p, const float* x, float* y) {
+// M activation rows on `threads` threads (the decoding step: 1 row, the struct's count)
+static inline void lin_rows(const AnybitLin& p, const float* x, int64_t M, float* y, int threads) {
     switch (p.kind) {
         case 0:
-            anybit_int_q8_gemm(x, 1, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.B, p.scales, p.szs, p.bias,
-                               y, (int)p.threads, p.table);
+            anybit_int_q8_gemm(x, M, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.B, p.scales, p.szs, p.bias,
+                               y, threads, p.table);
             break;
         case 1:
-            anybit_bcq_gemm(x, 1, p.K, p.w, p.Npad, p.N, (int)p.bits, p.gsize, p.G, p.alpha, p.offset, p.bias, y,
-                            (int)p.threads);
+            anybit_bcq_gemm(x, M, p.K, p.w, p.Npad, p.N, (int)p.bits, p.gsize, p.G, p.alpha, p.offset, p.bias, y,
+                            threads);
             break;
         case 3:
-            anybit_bitplane_q8_gemm(x, 1, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.scales, p.szs,
-                                    p.alpha, (int)p.abits, (int)p.asym, p.agroup, p.bias, y, (int)p.threads);
+            anybit_bitplane_q8_gemm(x, M, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.scales, p.szs,
+                                    p.alpha, (int)p.abits, (int)p.asym, p.agroup, p.bias, y, threads);
             break;
         default:
-            anybit_bitplane_gemm(x, 1, p.K, reinterpret_cast<const uint64_t*>(p.w), p.Npad, p.N, (int)p.bits,
+            anybit_bitplane_gemm(x, M, p.K, reinterpret_cast<const uint64_t*>(p.w), p.Npad, p.N, (int)p.bits,
                                  (int)p.wsigned, p.gsize, p.G, p.W, p.scales, p.szs, p.wsum, (int)p.abits, (int)p.asym,
-                                 p.agroup, p.bias, y, (int)p.threads);
+                                 p.agroup, p.bias, y, threads);
             break;
     }
 }
 
 // One prepared linear at batch 1 (the decoding step's call), for timing its thread count.
+static inline void lin_call(const AnybitLin& p, const float* x, float* y) { lin_rows(p, x, 1, y, (int)p.threads); }
+
 void anybit_lin_call(const AnybitLin* p, const float* x, float* y) { lin_call(*p, x, y); }
+
+// One prepared linear on M rows (native.FastLinear: an eager QuantLinear call with its
+// constant arguments converted once).
+void anybit_lin_rows(const AnybitLin* p, const float* x, int64_t M, float* y, int threads) {
+    lin_rows(*p, x, M, y, threads);
+}
 
 // 1: the decoding step runs on one thread team (decode_layers_team), 0: one team per linear
 // (the path before it, kept for comparisons: anybit_set_decode_team)
