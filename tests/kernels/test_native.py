@@ -63,7 +63,8 @@ def _q8_emulation(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 Q8_CASES = [("int", b, s) for b in (2, 3, 4, 5, 6, 7, 8) for s in (False, True)] + \
-    [("pot", 2, False), ("pot", 3, False), ("potz", 2, False), ("potz", 3, False), ("potz", 4, False)]
+    [("pot", 2, False), ("pot", 3, False), ("pot", 4, False), ("potz", 2, False), ("potz", 3, False),
+     ("potz", 4, False)]
 
 
 @pytest.mark.parametrize("fmt,bits,sym", Q8_CASES)
@@ -118,7 +119,11 @@ def test_int8_activations_at_the_int16_limits(isa, fmt, bits, sym, group):
 
 
 def test_int8_activation_path_only_where_it_applies():
-    assert native.pot_levels(FormatSpec("pot", 4, 128)) is None  # ±128 does not fit a byte: the float kernel
+    assert native.pot_levels(FormatSpec("pot", 4, 128)) is None  # ±128 does not fit a byte: two passes
+    (first, second), z = native.pot_halves(FormatSpec("pot", 4, 128))
+    assert z == 64 and [a + b for a, b in zip(first, second)] == native._pot_level_list(FormatSpec("pot", 4, 128))
+    assert max(map(abs, first + second)) == 64 and sum(b != 0 for b in second) == 2  # only ±128 is split
+    assert native.pot_halves(FormatSpec("pot", 3, 128)) is None
     assert native.pot_levels(FormatSpec("pot", 3, 128)) == ([1, 2, 4, 8, -1, -2, -4, -8], 8)
     assert native.pot_levels(FormatSpec("potz", 3, 128)) == ([0, 1, 2, 4, 0, -1, -2, -4], 4)
     # groups of 32 (96, ...): the AVX2 int8 kernel, else the float kernel

@@ -239,17 +239,36 @@ def q8_block(spec, k: int) -> int | None:
     return 32 if g % 32 == 0 and q8_kernel() == "avx2" else None
 
 
-def pot_levels(spec) -> tuple[list[int], int] | None:
-    """PoT codes as integer levels (times the group scale) and the offset Z that makes them
-    unsigned bytes, or None if a level does not fit (pot W4: ±128)."""
+def _pot_level_list(spec) -> list[int]:
+    """The integer level of each PoT code (times the group scale)."""
     b = spec.bits
     levels = []
     for c in range(1 << b):
         e, neg = c & ((1 << (b - 1)) - 1), c >> (b - 1)
         mag = (0 if e == 0 else 1 << (e - 1)) if potfmt.has_zero(spec) else 1 << e
         levels.append(-mag if neg else mag)
+    return levels
+
+
+def pot_levels(spec) -> tuple[list[int], int] | None:
+    """PoT codes as integer levels (times the group scale) and the offset Z that makes them
+    unsigned bytes, or None if a level does not fit (pot W4: ±128)."""
+    levels = _pot_level_list(spec)
     z = max(abs(v) for v in levels)
     return (levels, z) if 2 * z <= 255 else None
+
+
+def pot_halves(spec) -> tuple[tuple[list[int], list[int]], int] | None:
+    """Where the levels do not fit one byte table (plain pot W4: ±1..±128), two tables whose
+    levels add up to each code's level, each within ±64 (±128 = ±64 ± 64), and their Z (64):
+    the int8 kernel runs once per table on the same codes and the two outputs are added (exact:
+    the same integer products, split). None where one table fits or the levels are wider."""
+    if spec.format not in ("pot", "potz") or pot_levels(spec) is not None:
+        return None
+    levels = _pot_level_list(spec)
+    first = [v if abs(v) <= 64 else v // 2 for v in levels]
+    second = [v - a for v, a in zip(levels, first)]
+    return ((first, second), 64) if max(abs(v) for v in first + second) <= 64 else None
 
 
 def _q8_usable(module) -> bool:
@@ -259,7 +278,7 @@ def _q8_usable(module) -> bool:
     if spec.format == "int":
         ok = 2 <= spec.bits <= 8
     else:
-        ok = spec.format in ("pot", "potz") and pot_levels(spec) is not None
+        ok = spec.format in ("pot", "potz") and (pot_levels(spec) is not None or pot_halves(spec) is not None)
     return ok and bool(_lib.anybit_has_q8())
 
 
@@ -310,21 +329,23 @@ def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
 @_own_copy
 def _prep_int_q8(module):
     spec = module.spec
+    table2 = None
     if spec.format == "int":
         codes, scales, zeros = intfmt.IntFormat().unpack(module.packed(), spec, module.shape)
         table = None
     else:  # PoT: codes -> level + Z through the kernel's byte table; Z is the zero point
         codes, s16 = get_format(spec.format).unpack(module.packed(), spec, module.shape)
-        levels, z = pot_levels(spec)
+        fit = pot_levels(spec)
+        tables, z = ([fit[0]], fit[1]) if fit is not None else pot_halves(spec)
         scales = s16.float()
         zeros = torch.full_like(scales, float(z))
-        table = torch.zeros(16, dtype=torch.uint8)
-        table[: len(levels)] = torch.tensor([v + z for v in levels], dtype=torch.uint8)
+        table, *rest = [torch.tensor([v + z for v in t] + [0] * (16 - len(t)), dtype=torch.uint8) for t in tables]
+        table2 = rest[0] if rest else None  # a second pass on the same codes (pot_halves)
         # the kernel sums <= 3-bit PoT products in int16 over 3 chunks (LUT_MAX_3BIT)
         assert spec.bits > 3 or int(table.max()) <= 16
     masks = _q8_masks(spec, module.in_features)
     return {"w": q8_layout(codes, spec.bits, masks), "scales": scales.contiguous(), "szs": (scales * zeros).contiguous(),
-            "bias": _bias(module), "table": table}
+            "bias": _bias(module), "table": table, "table2": table2}
 
 
 def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
@@ -333,9 +354,14 @@ def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
     g, ng = _group(module.spec, k)
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
-    _lib.anybit_int_q8_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["w"]), d["w"].shape[1] // Q8_ROWS, n, module.spec.bits, g, ng,
-                            q8_block(module.spec, k), _ptr(d["scales"]), _ptr(d["szs"]), _ptr(d["bias"]), _ptr(y),
-                            _threads(xf.shape[0] * n * k), _ptr(d["table"]))
+    threads = _threads(xf.shape[0] * n * k)
+    head = (_ptr(xf), xf.shape[0], k, _ptr(d["w"]), d["w"].shape[1] // Q8_ROWS, n, module.spec.bits, g, ng,
+            q8_block(module.spec, k), _ptr(d["scales"]), _ptr(d["szs"]))
+    _lib.anybit_int_q8_gemm(*head, _ptr(d["bias"]), _ptr(y), threads, _ptr(d["table"]))
+    if d["table2"] is not None:  # pot_halves: the second table's pass, added
+        y2 = torch.empty_like(y)
+        _lib.anybit_int_q8_gemm(*head, None, _ptr(y2), threads, _ptr(d["table2"]))
+        y += y2
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -832,6 +858,8 @@ def q8_plan(modules: list) -> Q8Plan | None:
     first = modules[0]
     if not all(m.spec == first.spec and m.in_features == first.in_features and _q8_usable(m) for m in modules):
         return None
+    if first.spec.format != "int" and pot_levels(first.spec) is None:  # two passes (pot_halves): the module's own path
+        return None
     if len(modules) > 1 and any(m.out_features % Q8_ROWS for m in modules):
         return None
     return Q8Plan(modules)
@@ -862,13 +890,14 @@ class FastLinear:
     float32/CPU/contiguous, more rows than its kernel takes, a changed module or setting),
     which then takes the full dispatch, where the kernels are the same."""
 
-    __slots__ = ("key", "spec", "act", "routing", "nthreads", "st", "addr", "n", "k", "kind", "_keep")
+    __slots__ = ("key", "spec", "act", "routing", "nthreads", "st", "addr", "addr2", "n", "k", "kind", "_keep")
 
-    def __init__(self, module, st: LinStruct, keep):
+    def __init__(self, module, st: LinStruct, keep, st2: LinStruct | None = None):
         self.key, self.spec, self.act = module.packed_key(), module.spec, module.act
         self.routing, self.nthreads = _routing(), torch.get_num_threads()
         self.st, self.addr, self.n, self.k, self.kind = st, ctypes.addressof(st), st.N, st.K, st.kind
-        self._keep = keep  # the layout the struct points into stays alive with it
+        self.addr2 = None if st2 is None else ctypes.addressof(st2)  # pot_halves: a second pass, added
+        self._keep = (keep, st2)  # the layout the structs point into stays alive with them
 
     def valid(self, module) -> bool:
         return (module.packed_key() == self.key and module.spec is self.spec and module.act is self.act
@@ -883,6 +912,10 @@ class FastLinear:
         y = torch.empty(*x.shape[:-1], self.n, dtype=torch.float32)
         threads = self.st.threads if rows == 1 else _threads(rows * self.n * self.k)
         _lib.anybit_lin_rows(self.addr, x.data_ptr(), rows, y.data_ptr(), threads)
+        if self.addr2 is not None:
+            y2 = torch.empty_like(y)
+            _lib.anybit_lin_rows(self.addr2, x.data_ptr(), rows, y2.data_ptr(), threads)
+            y += y2
         return y
 
 
@@ -911,6 +944,11 @@ def fast_linear(x: torch.Tensor, module) -> FastLinear | None:
         st = LinStruct(kind=0, K=k, N=n, bias=_ptr(d["bias"]), w=_ptr(d["w"]), row_bytes=d["w"].shape[1] // Q8_ROWS,
                        bits=spec.bits, gsize=g, G=ng, B=q8_block(spec, k), scales=_ptr(d["scales"]),
                        szs=_ptr(d["szs"]), table=_ptr(d["table"]))
+        if d["table2"] is not None:
+            st.threads = _struct_threads(st)
+            st2 = LinStruct.from_buffer_copy(st)
+            st2.table, st2.bias = _ptr(d["table2"]), None
+            return FastLinear(module, st, d, st2)
     else:
         st = _module_struct(module)
         if st is None:
