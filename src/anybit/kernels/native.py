@@ -348,19 +348,26 @@ def _prep_int_q8(module):
             "bias": _bias(module), "table": table, "table2": table2}
 
 
+def _q8_args(spec, k: int, n: int, w: torch.Tensor, scales: torch.Tensor, szs: torch.Tensor,
+             bias: torch.Tensor | None) -> tuple:
+    """The int8 kernel's arguments after the activations and their row count, up to the bias
+    (``anybit_int_q8_gemm``'s order), for a layout of ``n`` rows."""
+    g, ng = _group(spec, k)
+    return (k, _ptr(w), w.shape[1] // Q8_ROWS, n, spec.bits, g, ng, q8_block(spec, k), _ptr(scales), _ptr(szs),
+            _ptr(bias))
+
+
 def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
     d = _cached(module, _prep_int_q8)
     n, k = module.shape
-    g, ng = _group(module.spec, k)
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     threads = _threads(xf.shape[0] * n * k)
-    head = (_ptr(xf), xf.shape[0], k, _ptr(d["w"]), d["w"].shape[1] // Q8_ROWS, n, module.spec.bits, g, ng,
-            q8_block(module.spec, k), _ptr(d["scales"]), _ptr(d["szs"]))
-    _lib.anybit_int_q8_gemm(*head, _ptr(d["bias"]), _ptr(y), threads, _ptr(d["table"]))
-    if d["table2"] is not None:  # pot_halves: the second table's pass, added
+    args = _q8_args(module.spec, k, n, d["w"], d["scales"], d["szs"], d["bias"])
+    _lib.anybit_int_q8_gemm(_ptr(xf), xf.shape[0], *args, _ptr(y), threads, _ptr(d["table"]))
+    if d["table2"] is not None:  # pot_halves: the second table's pass (no bias), added
         y2 = torch.empty_like(y)
-        _lib.anybit_int_q8_gemm(*head, None, _ptr(y2), threads, _ptr(d["table2"]))
+        _lib.anybit_int_q8_gemm(_ptr(xf), xf.shape[0], *args[:-1], None, _ptr(y2), threads, _ptr(d["table2"]))
         y += y2
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
@@ -668,12 +675,10 @@ class Q8Plan:
         scales = torch.cat([p["scales"] for p in parts], 0).contiguous()
         szs = torch.cat([p["szs"] for p in parts], 0).contiguous()
         bias = _fused_bias(parts, self.sizes)
-        g, ng = _group(spec, k)
         self._keep = (w, scales, szs, bias, parts[0]["table"])
         keep = {t.untyped_storage().data_ptr() for t in self._keep if t is not None}
         drop_file_pages(t for m in modules for t in m.packed().values() if t.untyped_storage().data_ptr() not in keep)
-        self.args = (k, _ptr(w), w.shape[1] // Q8_ROWS, n, spec.bits, g, ng, q8_block(spec, k), _ptr(scales),
-                     _ptr(szs), _ptr(bias))
+        self.args = _q8_args(spec, k, n, w, scales, szs, bias)
         self.table = _ptr(parts[0]["table"])
         self.threads = self._pick_threads()
 
@@ -753,6 +758,13 @@ class LayerStruct(ctypes.Structure):
                 ("qn", c_void_p), ("kn", c_void_p), ("neps", c_float), ("kc", c_void_p), ("vc", c_void_p)]
 
 
+def _q8_struct(args: tuple, table: int | None, threads: int) -> LinStruct:
+    """The :class:`LinStruct` (kind 0) of the int8 kernel's arguments (:func:`_q8_args`)."""
+    (k, w, row_bytes, n, bits, g, ng, block, scales, szs, bias) = args
+    return LinStruct(kind=0, K=k, N=n, threads=threads, bias=bias, w=w, row_bytes=row_bytes, bits=bits, gsize=g,
+                     G=ng, B=block, scales=scales, szs=szs, table=table)
+
+
 def lin_struct(item) -> LinStruct | None:
     """The native decoding step's view of a :class:`Q8Plan` or :class:`BCQPlan`, or of one BCQ / bit-plane
     QuantLinear whose batch-1 kernel applies (None: it needs the PyTorch path). The
@@ -762,9 +774,7 @@ def lin_struct(item) -> LinStruct | None:
     if isinstance(item, BCQPlan):
         return item.struct
     if isinstance(item, Q8Plan):
-        (k, w, row_bytes, n, bits, g, ng, block, scales, szs, bias) = item.args
-        return LinStruct(kind=0, K=k, N=n, threads=item.threads, bias=bias, w=w, row_bytes=row_bytes, bits=bits,
-                         gsize=g, G=ng, B=block, scales=scales, szs=szs, table=item.table)
+        return _q8_struct(item.args, item.table, item.threads)
     if _load() is None or not isinstance(item, QuantLinear):
         return None
     st = _module_struct(item)
@@ -858,7 +868,7 @@ def q8_plan(modules: list) -> Q8Plan | None:
     first = modules[0]
     if not all(m.spec == first.spec and m.in_features == first.in_features and _q8_usable(m) for m in modules):
         return None
-    if first.spec.format != "int" and pot_levels(first.spec) is None:  # two passes (pot_halves): the module's own path
+    if pot_halves(first.spec) is not None:  # two passes, two tables: the module's own path
         return None
     if len(modules) > 1 and any(m.out_features % Q8_ROWS for m in modules):
         return None
@@ -882,8 +892,8 @@ def _fast_limit(kind: int) -> int:
 class FastLinear:
     """One QuantLinear's native kernel prepared for eager calls: ``kernels.linear`` asks it
     before the full dispatch. The full path (backend choice, predicates, the layout cache's
-    lookup, reshapes and dtype casts, ~16 converted ctypes arguments) costs ~75 µs per call on
-    the 2-core AVX2 machine, more than a SmolLM2-sized GEMV takes; this one checks the input and
+    lookup, reshapes and dtype casts, ~16 converted ctypes arguments) doubled the time of a
+    SmolLM2-sized GEMV call on the 2-core AVX2 machine (benchmarks/eager_call_ab.py); this one checks the input and
     that nothing it was built from changed, and makes one call with the layout's
     :class:`LinStruct`. Batch 1 runs on the thread count :func:`pick_threads` measured for the
     shape (as the decoding step does). It answers None to a call it does not serve (not
@@ -935,24 +945,20 @@ def fast_linear(x: torch.Tensor, module) -> FastLinear | None:
     kind = 0 if fmt in ("int", "pot", "potz") else 1 if fmt in ("bcq", "bcq16") else 3 if bitplane_dots(module) else 2
     if x.numel() // max(x.shape[-1], 1) > _fast_limit(kind):
         return None
-    if module.spec.format in ("int", "pot", "potz"):
+    st2 = None
+    if kind == 0:
         if not _q8_usable(module):
             return None
         d = _cached(module, _prep_int_q8)
-        spec, (n, k) = module.spec, module.shape
-        g, ng = _group(spec, k)
-        st = LinStruct(kind=0, K=k, N=n, bias=_ptr(d["bias"]), w=_ptr(d["w"]), row_bytes=d["w"].shape[1] // Q8_ROWS,
-                       bits=spec.bits, gsize=g, G=ng, B=q8_block(spec, k), scales=_ptr(d["scales"]),
-                       szs=_ptr(d["szs"]), table=_ptr(d["table"]))
-        if d["table2"] is not None:
-            st.threads = _struct_threads(st)
-            st2 = LinStruct.from_buffer_copy(st)
-            st2.table, st2.bias = _ptr(d["table2"]), None
-            return FastLinear(module, st, d, st2)
+        (n, k) = module.shape
+        args = _q8_args(module.spec, k, n, d["w"], d["scales"], d["szs"], d["bias"])
+        st = _q8_struct(args, _ptr(d["table"]), 1)
+        if d["table2"] is not None:  # pot_halves: the second table's pass, without the bias
+            st2 = _q8_struct((*args[:-1], None), _ptr(d["table2"]), 1)
     else:
         st = _module_struct(module)
         if st is None:
             return None
         d = module._native_cache[1]  # the layouts _module_struct pointed st into
     st.threads = _struct_threads(st)
-    return FastLinear(module, st, d)
+    return FastLinear(module, st, d, st2)
