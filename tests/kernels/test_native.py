@@ -125,7 +125,7 @@ def test_int8_activation_path_only_where_it_applies():
     assert native.pot_halves(FormatSpec("pot", 3, 128)) is None
     assert native.pot_levels(FormatSpec("pot", 3, 128)) == ([1, 2, 4, 8, -1, -2, -4, -8], 8)
     assert native.pot_levels(FormatSpec("potz", 3, 128)) == ([0, 1, 2, 4, 0, -1, -2, -4], 4)
-    # groups of 32 (96, ...): the AVX2 int8 kernel, else the float kernel
+    # groups of 32 (96, ...): the AVX2 layout's int8 kernel (with 256-bit VNNI where it is in use)
     g32 = 32 if native.q8_kernel() is not None else None
     assert native.q8_block(FormatSpec("int", 4, 32), 576) == g32
     assert native.q8_block(FormatSpec("int", 4, 96), 576) == g32

@@ -63,11 +63,11 @@ def _load():
         lib.anybit_has_q8.restype = c_int
         lib.anybit_cpu_vnni.restype = c_int
         lib.anybit_set_bcq_int8.restype = c_int
+        lib.anybit_set_bcq_int8.argtypes = [c_int]
         if hasattr(lib, "anybit_set_q8_vnni256"):  # older builds (benchmarks/ab_native.py) lack it
             lib.anybit_set_q8_vnni256.restype = c_int
             lib.anybit_set_q8_vnni256.argtypes = [c_int]
-            lib.anybit_set_q8_vnni256(int(Q8_VNNI256))
-        lib.anybit_set_bcq_int8.argtypes = [c_int]
+            lib.anybit_set_q8_vnni256(int(Q8_VNNI256_DEFAULT))
         if hasattr(lib, "anybit_set_decode_team"):  # older builds (benchmarks/ab_native.py loads them) lack it
             lib.anybit_set_decode_team.restype = c_int
             lib.anybit_set_decode_team.argtypes = [c_int]
@@ -123,21 +123,21 @@ def q8_kernel() -> str | None:
     return {3: "vnni256", 2: "vnni", 1: "avx2"}.get(int(_load().anybit_has_q8())) if available() else None
 
 
-# Where AVX-512 VNNI is in use, which int8 kernel runs INT/PoT layers: True the AVX2 kernel
-# with 256-bit vpdpbusd (kernels_q8.inc, Q8_VNNI), False the 512-bit tile (the default:
+# Where AVX-512 VNNI is in use, which int8 kernel runs INT/PoT layers at load: True the AVX2
+# kernel with 256-bit vpdpbusd (kernels_q8.inc, Q8_VNNI), False the 512-bit tile (the default:
 # measured 2-20 % faster at batch 1 on AMD Zen 4, docs/kernels.md; ANYBIT_Q8_VNNI=256 picks
-# the other). The bit-plane integer-dot kernel has only the 256-bit form.
-Q8_VNNI256 = os.environ.get("ANYBIT_Q8_VNNI", "512") == "256"
+# the other; set_q8_vnni256 changes it later). The bit-plane integer-dot kernel has only the
+# 256-bit form.
+Q8_VNNI256_DEFAULT = os.environ.get("ANYBIT_Q8_VNNI", "512") == "256"
 
 _isa_gen = 0  # bumped by set_isa and set_q8_vnni256: prepared calls (FastLinear) built before are stale
 
 
 def set_q8_vnni256(on: bool) -> bool:
-    """Choose the int8 kernel where VNNI is in use (see Q8_VNNI256); returns the previous choice.
-    Layouts are cached per kernel, so modules rebuild theirs on their next call."""
-    global _isa_gen, Q8_VNNI256
+    """Choose the int8 kernel where VNNI is in use (see Q8_VNNI256_DEFAULT); returns the
+    previous choice. Layouts are cached per kernel, so modules rebuild theirs on their next call."""
+    global _isa_gen
     _isa_gen += 1
-    Q8_VNNI256 = bool(on)
     return bool(_load().anybit_set_q8_vnni256(int(on)))
 
 
@@ -319,8 +319,8 @@ def q8_layout(codes: torch.Tensor, bits: int, masks: bool = False) -> torch.Tens
 
 
 def _q8_masks(spec, k: int) -> bool:
-    """Whether the int8 kernel that runs this layer reads 1-bit pieces as masks (VNNI; blocks
-    of 32 go to the AVX2 kernel there too)."""
+    """Whether the int8 kernel that runs this layer reads 1-bit pieces as masks (the 512-bit
+    VNNI tile; blocks of 32 go to the AVX2 layout's kernel there, with 256-bit VNNI)."""
     return q8_kernel() == "vnni" and q8_block(spec, k) % 64 == 0
 
 
@@ -577,11 +577,11 @@ def _prep_bitplane(module):
             "wsum": padded.sum(-1).contiguous(), "bias": _bias(module)}
 
 
-# Bit-plane WxAy as integer dot products (kernels_q8.inc, bitplane_gemm): where the int8
-# kernel in use has the AVX2 layout (AVX2: no VPOPCNTDQ, an AND+popcount per weight-plane x
-# activation-plane pair would be a scalar popcount; AVX-512 VNNI with the 256-bit kernel: one
-# vpdpbusd per 32 codes instead of wbits x abits popcounts), on the weight codes in the int8
-# kernel's piece layout. Needs groups that are a multiple of 64, or per-channel weights.
+# Bit-plane WxAy as integer dot products (kernels_q8.inc, bitplane_gemm, in the AVX2 layout):
+# where the instruction set in use is AVX2 (no VPOPCNTDQ: an AND+popcount per weight-plane x
+# activation-plane pair would be a scalar popcount), or AVX-512 with VNNI (256-bit vpdpbusd:
+# one instruction per 32 codes instead of wbits x abits popcounts), on the weight codes in the
+# int8 kernel's piece layout. Needs groups that are a multiple of 64, or per-channel weights.
 # The same integers as AND+popcount, so the same outputs up to float summation order.
 # ANYBIT_BITPLANE_DOTS=0 keeps the AND+popcount kernel everywhere.
 BITPLANE_DOTS = os.environ.get("ANYBIT_BITPLANE_DOTS", "1") != "0"
@@ -591,7 +591,8 @@ def bitplane_dots(module) -> bool:
     """Whether this bit-plane module runs on the integer-dot kernel here."""
     spec, act = module.spec, module.act
     g, ng = _group(spec, module.in_features)
-    here = isa() == "avx2" or isa() == "avx512" and has_vnni()
+    name = isa()
+    here = name == "avx2" or name == "avx512" and has_vnni()
     return (BITPLANE_DOTS and here and 2 <= spec.bits <= 8 and act.bits <= 8
             and (ng == 1 or g % 64 == 0))
 
