@@ -9,7 +9,8 @@ alternating rounds on identical inputs, after checking that they give the same o
     python benchmarks/ab_native.py /tmp/base_native.so int:3:4096:4096 pot:3:4096:4096:128 \\
         --threads 1 --rows 1 --rounds 9
 
-Each case is ``format:bits:out:in[:group]`` (group 128 by default). Prints the median ms of
+Each case is ``format:bits:out:in[:group]`` (group 128 by default); bit-plane cases name weight
+and activation bits as ``bitplane:6a6:4096:4096``, quantized as `anybit bench kernels` does. Prints the median ms of
 each build and their ratio (this build over the other); nothing else may run meanwhile.
 """
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch
 
 import anybit.kernels as K
 import anybit.kernels.native as native
+from anybit.bench import CASES
 from anybit.formats import FormatSpec
+from anybit.formats.activation import ActSpec
 from anybit.nn import QuantLinear
 
 
@@ -68,8 +71,16 @@ def main() -> None:
     builds = {"other": other, "this": own}
     for case in args.cases:
         fmt, bits, n, k, *g = case.split(":")
-        spec = FormatSpec(fmt, int(bits), int(g[0]) if g else 128, False)
-        mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec) for _ in range(args.copies)]
+        group = int(g[0]) if g else 128
+        if fmt == "bitplane":  # bits "WaA": weights and activations as `anybit bench kernels` runs them
+            w, a = (int(v) for v in bits.split("a"))
+            _, _, _, wsym, agroup, asym = next(c for c in CASES if c[:3] == ("bitplane", w, a))
+            spec = FormatSpec(fmt, w, group, wsym)
+            act = ActSpec(a, group if agroup == "w" else -1, asym)
+        else:
+            spec, act = FormatSpec(fmt, int(bits), group, False), None
+        mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec, act=act)
+                for _ in range(args.copies)]
         x = torch.randn(args.rows, int(k))
         outs = {}
         for name, lib in builds.items():

@@ -2,6 +2,9 @@
 the measured file, not hand-copied numbers).
 
     python benchmarks/kernels_table.py benchmarks/results/kernels_2026-11-25.json
+    python benchmarks/kernels_table.py AFTER.json --before BEFORE.json   # median ms before -> after
+
+With ``--before``: one table per batch of the cases both files hold, "before → after (×before/after)".
 """
 
 from __future__ import annotations
@@ -98,5 +101,39 @@ def targets(rows: list[dict]) -> None:
                   f"{'yes' if i['median_s'] / best >= 1.5 else 'no'} |")
 
 
+def compare(before_path: str, after_path: str) -> None:
+    """Median ms of each case of both files, before -> after, with the speed-up before / after."""
+    before, after = json.load(open(before_path)), json.load(open(after_path))
+
+    def key(r: dict) -> tuple:
+        return (r["format"], r["bits"], r["abits"], r["batch"], tuple(r["shape"]))
+
+    old = {key(r): r for r in before if r["op"] == "gemm"}
+    rows = [r for r in after if r["op"] == "gemm" and key(r) in old]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
+    for f, r in (("before", before[0]), ("after", after[0])):
+        print(f"{f}: {r['machine']['date']}, streaming read {r.get('read_gb_per_s', 0):.1f} GB/s; "
+              f"fp32 F.linear 4096×4096 batch 1: "
+              + next((f"{x['fp32_median_s'] * 1e3:.3f} ms" for x in (before if f == 'before' else after)
+                      if x["op"] == "gemm" and x["shape"] == [4096, 4096] and x["batch"] == 1), "–"))
+    for batch in sorted({r["batch"] for r in rows}):
+        print(f"\n| format, batch {batch} | " + " | ".join(f"{s[0]}×{s[1]}" for s in shapes) + " |")
+        print("|---|" + "---|" * len(shapes))
+        for fmt, bits, abits in dict.fromkeys((r["format"], r["bits"], r["abits"]) for r in rows if r["batch"] == batch):
+            cells = []
+            for s in shapes:
+                k = (fmt, bits, abits, batch, s)
+                a = next((r for r in rows if key(r) == k), None)
+                if a is None:
+                    cells.append("–")
+                    continue
+                b = old[k]["median_s"]
+                cells.append(f"{b * 1e3:.3f} → {a['median_s'] * 1e3:.3f} (×{b / a['median_s']:.2f})")
+            print(f"| {fmt} W{bits}" + (f"A{abits}" if abits < 16 else "") + " | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) == 4 and sys.argv[2] == "--before":
+        compare(sys.argv[3], sys.argv[1])
+    else:
+        main(sys.argv[1])

@@ -79,6 +79,7 @@ def test_int_int8_activations(isa, fmt, bits, sym, group):
         pytest.skip("the int8-activation kernels need AVX2")
     vnni = isa.startswith("avx512") and native.has_vnni()
     assert native.q8_kernel() == ("vnni256" if isa == "avx512-vnni256" else "vnni" if vnni else "avx2")
+    assert native.q8_gfni() == (vnni and native.has_gfni() and isa != "avx512-nogfni")
     for n, k, m in [(37, 576, 1), (5, 200, 3), (19, 1536, 5), (4, 64, 2), (9, 300, 4)]:
         opts = {"grid": (0.5, 0.8, 1.0)} if fmt != "int" else {}
         q = QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group, sym), **opts)

@@ -68,6 +68,12 @@ def _load():
             lib.anybit_set_q8_vnni256.restype = c_int
             lib.anybit_set_q8_vnni256.argtypes = [c_int]
             lib.anybit_set_q8_vnni256(int(Q8_VNNI256_DEFAULT))
+        if hasattr(lib, "anybit_set_q8_gfni"):  # older builds (benchmarks/ab_native.py) lack it
+            lib.anybit_cpu_gfni.restype = c_int
+            lib.anybit_set_q8_gfni.restype = c_int
+            lib.anybit_set_q8_gfni.argtypes = [c_int]
+            lib.anybit_q8_gfni.restype = c_int
+            lib.anybit_set_q8_gfni(int(os.environ.get("ANYBIT_Q8_GFNI", "1") != "0"))
         if hasattr(lib, "anybit_set_decode_team"):  # older builds (benchmarks/ab_native.py loads them) lack it
             lib.anybit_set_decode_team.restype = c_int
             lib.anybit_set_decode_team.argtypes = [c_int]
@@ -139,6 +145,27 @@ def set_q8_vnni256(on: bool) -> bool:
     global _isa_gen
     _isa_gen += 1
     return bool(_load().anybit_set_q8_vnni256(int(on)))
+
+
+def has_gfni() -> bool:
+    """Whether the CPU has GFNI (the int8 kernels then move code pieces with gf2p8affineqb)."""
+    lib = _load()
+    return bool(lib is not None and hasattr(lib, "anybit_cpu_gfni") and lib.anybit_cpu_gfni())
+
+
+def q8_gfni() -> bool:
+    """Whether the int8 kernels in use move their code pieces with GFNI (gf2p8affineqb; where
+    VNNI is in use and the CPU has GFNI, unless ANYBIT_Q8_GFNI=0 or set_q8_gfni(False))."""
+    lib = _load()
+    return bool(lib is not None and hasattr(lib, "anybit_q8_gfni") and lib.anybit_q8_gfni())
+
+
+def set_q8_gfni(on: bool) -> bool:
+    """Let the int8 kernels use GFNI where the CPU has it (the default) or not (for comparisons
+    and tests; the layout is the same); returns the previous setting."""
+    global _isa_gen
+    _isa_gen += 1
+    return bool(_load().anybit_set_q8_gfni(int(on)))
 
 
 def set_isa(name: str) -> str:
@@ -308,10 +335,11 @@ Q8_ROWS = 4  # rows per block of the layout (kernels_q8.inc: R)
 
 def q8_layout(codes: torch.Tensor, bits: int, masks: bool = False) -> torch.Tensor:
     """Codes ``uint8 [N, K]`` in the piece layout of kernels_q8.inc: blocks of 4 rows,
-    ``uint8 [ceil(N/4), 4·row_bytes]``, each piece's units interleaved row by row; 1-bit
-    pieces as 64-bit masks (``masks``: the AVX-512 VNNI kernel) or in 64-byte lines of 8
-    chunks (the AVX2 kernel). Built in slices of rows so that the int32 temporaries stay
-    small (a 49152-row head would take several 100+ MB ones at once)."""
+    ``uint8 [ceil(N/4), 4·row_bytes]``, in groups of P chunks (q8_group_chunks) that hold
+    each piece's units in turn, interleaved row by row; 1-bit pieces as 64-bit masks
+    (``masks``: the AVX-512 VNNI kernel) or in 64-byte lines of 8 chunks (the AVX2 kernel).
+    Built in slices of rows so that the int32 temporaries stay small (a 49152-row head would
+    take several 100+ MB ones at once)."""
     step = Q8_ROWS * max(1, (1 << 20) // max(codes.shape[1], 1))
     if codes.shape[0] > step:
         return torch.cat([_q8_layout(codes[i: i + step], bits, masks) for i in range(0, codes.shape[0], step)], 0)
@@ -324,12 +352,22 @@ def _q8_masks(spec, k: int) -> bool:
     return q8_kernel() == "vnni" and q8_block(spec, k) % 64 == 0
 
 
+def q8_group_chunks(bits: int, masks: bool) -> int:
+    """Chunks (of 64 codes) per group of the piece layout: the most that one unit (a 64-byte
+    line, or a mask) of a piece holds. A group holds all pieces of its chunks, so that the
+    kernel reads one sequential stream per block of rows: with a stream per piece, 3- and
+    5-bit rows ran at 1/3 of the cold read bandwidth of 4-bit ones (docs/kernels.md)."""
+    return max([8 // w for w, _ in Q8_PIECES[bits] if w < 8 and not (w == 1 and masks)] + [1])
+
+
 def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
     n, k = codes.shape
     c = -(-k // 64)
     nb = -(-n // Q8_ROWS)
     codes = torch.nn.functional.pad(codes, (0, c * 64 - k, 0, nb * Q8_ROWS - n)).view(nb, Q8_ROWS, c, 64)
-    parts = []
+    P = q8_group_chunks(bits, masks)
+    full = -(-c // P) - 1  # groups of P chunks before the last (which may be shorter)
+    parts_full, parts_last = [], []
     for width, shift in Q8_PIECES[bits]:
         v = (codes >> shift) & ((1 << width) - 1)  # [blocks, R, C, 64]
         if width == 8:
@@ -343,8 +381,12 @@ def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
             v = torch.nn.functional.pad(v, (0, 0, 0, cl - c)).view(nb, Q8_ROWS, cl // per, per, 64).to(torch.int32)
             shifts = (torch.arange(per, dtype=torch.int32) * width).view(1, 1, 1, per, 1)
             units = (v << shifts).sum(3).to(torch.uint8)  # [.., lines, 64]
-        parts.append(units.transpose(1, 2).reshape(nb, -1))  # unit u of row r at u·R + r
-    return torch.cat(parts, 1).contiguous()
+        per_group = P // (8 // width) if width < 8 and not (width == 1 and masks) else P
+        head = units[:, :, : full * per_group]  # [blocks, R, full·upg, unit bytes]
+        head = head.reshape(nb, Q8_ROWS, full, per_group, units.shape[3]).permute(0, 2, 3, 1, 4)  # unit u of row r at u·R + r
+        parts_full.append(head.reshape(nb, full, per_group * Q8_ROWS * units.shape[3]))
+        parts_last.append(units[:, :, full * per_group:].transpose(1, 2).reshape(nb, -1))
+    return torch.cat([torch.cat(parts_full, 2).reshape(nb, -1)] + parts_last, 1).contiguous()
 
 
 @_own_copy

@@ -100,6 +100,29 @@ namespace isa_q8vnni256 {
 }  // namespace isa_q8vnni256
 #pragma GCC pop_options
 
+// The two VNNI kernels again with GFNI (Q8_GFNI: pieces moved into place by gf2p8affineqb),
+// chosen where the CPU has it (AVX-512 VNNI without GFNI: Cascade Lake)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,gfni,avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace isa_vnni_gfni {
+#define Q8_ISA 2
+#define Q8_GFNI 1
+#include "kernels_q8.inc"
+#undef Q8_ISA
+}  // namespace isa_vnni_gfni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace isa_q8vnni256_gfni {
+#define Q8_ISA 1
+#define Q8_VNNI 1
+#define Q8_GFNI 1
+#include "kernels_q8.inc"
+#undef Q8_ISA
+}  // namespace isa_q8vnni256_gfni
+#pragma GCC pop_options
+
 namespace dec_portable {
 #include "kernels_decode.inc"
 }  // namespace dec_portable
@@ -190,6 +213,26 @@ int anybit_set_q8_vnni256(int on) {
     return old;
 }
 
+// Where VNNI is in use and the CPU has GFNI: 1 = the kernels compiled with it (Q8_GFNI), 0 = without
+// (anybit_set_q8_gfni; for comparisons and tests)
+static int g_q8_gfni = 1;
+
+int anybit_cpu_gfni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("gfni");
+}
+
+int anybit_set_q8_gfni(int on) {
+    const int old = g_q8_gfni;
+    g_q8_gfni = on ? 1 : 0;
+    return old;
+}
+
+static bool use_gfni(void) { return g_q8_gfni && use_vnni() && anybit_cpu_gfni(); }
+
+// 1 if the int8 kernels in use move pieces with GFNI
+int anybit_q8_gfni(void) { return use_gfni() ? 1 : 0; }
+
 // Which int8-activation kernel runs: 3 AVX2 layout with 256-bit VNNI, 2 AVX-512 VNNI, 1 AVX2
 // (vpmaddubsw), 0 none (the portable instruction set is in use)
 int anybit_has_q8(void) {
@@ -210,25 +253,21 @@ void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, 
         else                                                                                                    \
             NS::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
         break;
-    const int kind = anybit_has_q8();
-    if (kind == 2 && B % 64 == 0) {  // blocks of 32: the AVX2 layout's kernel, with VNNI (below)
-        switch (bits) {
-            Q8(isa_vnni, 2) Q8(isa_vnni, 3) Q8(isa_vnni, 4) Q8(isa_vnni, 5) Q8(isa_vnni, 6) Q8(isa_vnni, 7) Q8(isa_vnni, 8)
-            default: break;
-        }
-    } else if (kind >= 2) {
-        switch (bits) {
-            Q8(isa_q8vnni256, 2) Q8(isa_q8vnni256, 3) Q8(isa_q8vnni256, 4) Q8(isa_q8vnni256, 5) Q8(isa_q8vnni256, 6)
-            Q8(isa_q8vnni256, 7) Q8(isa_q8vnni256, 8)
-            default: break;
-        }
-    } else if (anybit_get_isa() >= 1) {
-        switch (bits) {
-            Q8(isa_q8avx2, 2) Q8(isa_q8avx2, 3) Q8(isa_q8avx2, 4) Q8(isa_q8avx2, 5) Q8(isa_q8avx2, 6) Q8(isa_q8avx2, 7)
-            Q8(isa_q8avx2, 8)
-            default: break;
-        }
+#define Q8_BITS(NS)                                                                                             \
+    switch (bits) {                                                                                             \
+        Q8(NS, 2) Q8(NS, 3) Q8(NS, 4) Q8(NS, 5) Q8(NS, 6) Q8(NS, 7) Q8(NS, 8)                                   \
+        default: break;                                                                                         \
     }
+    const int kind = anybit_has_q8();
+    const bool gfni = use_gfni();
+    if (kind == 2 && B % 64 == 0) {  // blocks of 32: the AVX2 layout's kernel, with VNNI (below)
+        if (gfni) Q8_BITS(isa_vnni_gfni) else Q8_BITS(isa_vnni)
+    } else if (kind >= 2) {
+        if (gfni) Q8_BITS(isa_q8vnni256_gfni) else Q8_BITS(isa_q8vnni256)
+    } else if (anybit_get_isa() >= 1) {
+        Q8_BITS(isa_q8avx2)
+    }
+#undef Q8_BITS
 #undef Q8
 }
 
@@ -242,19 +281,19 @@ void anybit_bitplane_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t
     if (anybit_get_isa() < 1) return;
 #define BP(NS, BITS) \
     case BITS: NS::q8::bitplane_gemm<BITS>(x, M, K, w, row_bytes, N, gsize, G, sw, aw, U, abits, asym, agroup, bias, y, nthreads); break;
-    if (use_vnni()) {  // the 256-bit VNNI kernel whichever INT kernel is chosen (its layout is the AVX2 one)
-        switch (bits) {
-            BP(isa_q8vnni256, 2) BP(isa_q8vnni256, 3) BP(isa_q8vnni256, 4) BP(isa_q8vnni256, 5) BP(isa_q8vnni256, 6)
-            BP(isa_q8vnni256, 7) BP(isa_q8vnni256, 8)
-            default: break;
-        }
-    } else {
-        switch (bits) {
-            BP(isa_q8avx2, 2) BP(isa_q8avx2, 3) BP(isa_q8avx2, 4) BP(isa_q8avx2, 5) BP(isa_q8avx2, 6) BP(isa_q8avx2, 7)
-            BP(isa_q8avx2, 8)
-            default: break;
-        }
+#define BP_BITS(NS)                                                                                             \
+    switch (bits) {                                                                                             \
+        BP(NS, 2) BP(NS, 3) BP(NS, 4) BP(NS, 5) BP(NS, 6) BP(NS, 7) BP(NS, 8)                                   \
+        default: break;                                                                                         \
     }
+    if (use_gfni()) {  // the 256-bit VNNI kernel whichever INT kernel is chosen (its layout is the AVX2 one)
+        BP_BITS(isa_q8vnni256_gfni)
+    } else if (use_vnni()) {
+        BP_BITS(isa_q8vnni256)
+    } else {
+        BP_BITS(isa_q8avx2)
+    }
+#undef BP_BITS
 #undef BP
 }
 
