@@ -58,7 +58,8 @@ def load_other(path: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("other", help="the other build's _native*.so (a copy of it is loaded)")
+    ap.add_argument("other", help="the other build's _native*.so (a copy of it is loaded), or `nogfni`: "
+                    "this build with its GFNI kernels off (native.set_q8_gfni)")
     ap.add_argument("cases", nargs="+", help="format:bits:out:in[:group], e.g. int:3:4096:4096")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: GEMV)")
@@ -67,8 +68,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    own, other = load_other(args.other)
-    builds = {"other": other, "this": own}
+    if args.other == "nogfni":  # this build with its GFNI kernels off against on
+        if not native.has_gfni():
+            sys.exit("error: this CPU has no GFNI")
+        own = native._load()
+        builds = {"other": lambda: native.set_q8_gfni(False), "this": lambda: native.set_q8_gfni(True)}
+    else:
+        own, other = load_other(args.other)
+        builds = {"other": lambda: setattr(native, "_lib", other), "this": lambda: setattr(native, "_lib", own)}
     for case in args.cases:
         fmt, bits, n, k, *g = case.split(":")
         group = int(g[0]) if g else 128
@@ -83,15 +90,15 @@ def main() -> None:
                 for _ in range(args.copies)]
         x = torch.randn(args.rows, int(k))
         outs = {}
-        for name, lib in builds.items():
-            native._lib = lib
+        for name, use in builds.items():
+            use()
             outs[name] = K.linear(x, mods[0])
         same = torch.equal(outs["this"], outs["other"])
         reps = max(50, 8 * args.copies)
         times: dict[str, list[float]] = {name: [] for name in builds}
         for _ in range(args.rounds):
-            for name, lib in builds.items():
-                native._lib = lib
+            for name, use in builds.items():
+                use()
                 for m in mods:
                     K.linear(x, m)
                 t0 = time.perf_counter()

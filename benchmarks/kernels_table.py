@@ -111,11 +111,11 @@ def compare(before_path: str, after_path: str) -> None:
     old = {key(r): r for r in before if r["op"] == "gemm"}
     rows = [r for r in after if r["op"] == "gemm" and key(r) in old]
     shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
-    for f, r in (("before", before[0]), ("after", after[0])):
-        print(f"{f}: {r['machine']['date']}, streaming read {r.get('read_gb_per_s', 0):.1f} GB/s; "
-              f"fp32 F.linear 4096×4096 batch 1: "
-              + next((f"{x['fp32_median_s'] * 1e3:.3f} ms" for x in (before if f == 'before' else after)
-                      if x["op"] == "gemm" and x["shape"] == [4096, 4096] and x["batch"] == 1), "–"))
+    for name, run in (("before", before), ("after", after)):
+        fp32 = next((f"{x['fp32_median_s'] * 1e3:.3f} ms" for x in run
+                     if x["op"] == "gemm" and x["shape"] == [4096, 4096] and x["batch"] == 1), "–")
+        print(f"{name}: {run[0]['machine']['date']}, streaming read {run[0].get('read_gb_per_s', 0):.1f} GB/s; "
+              f"fp32 F.linear 4096×4096 batch 1: {fp32}")
     for batch in sorted({r["batch"] for r in rows}):
         print(f"\n| format, batch {batch} | " + " | ".join(f"{s[0]}×{s[1]}" for s in shapes) + " |")
         print("|---|" + "---|" * len(shapes))

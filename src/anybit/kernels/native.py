@@ -352,12 +352,18 @@ def _q8_masks(spec, k: int) -> bool:
     return q8_kernel() == "vnni" and q8_block(spec, k) % 64 == 0
 
 
+def _q8_unit_chunks(width: int, masks: bool) -> int:
+    """Chunks (of 64 codes) one unit of a ``width``-bit piece holds: a 64-byte line holds 8/width,
+    a chunk of 8-bit codes or a 64-bit mask (``masks``) one."""
+    return 1 if width == 8 or (width == 1 and masks) else 8 // width
+
+
 def q8_group_chunks(bits: int, masks: bool) -> int:
-    """Chunks (of 64 codes) per group of the piece layout: the most that one unit (a 64-byte
-    line, or a mask) of a piece holds. A group holds all pieces of its chunks, so that the
-    kernel reads one sequential stream per block of rows: with a stream per piece, 3- and
-    5-bit rows ran at 1/3 of the cold read bandwidth of 4-bit ones (docs/kernels.md)."""
-    return max([8 // w for w, _ in Q8_PIECES[bits] if w < 8 and not (w == 1 and masks)] + [1])
+    """Chunks per group of the piece layout: the most that one unit of a piece holds. A group
+    holds all pieces of its chunks, so that the kernel reads one sequential stream per block of
+    rows: with a stream per piece, 3- and 5-bit rows ran at 1/3 of the cold read bandwidth of
+    4-bit ones (docs/kernels.md)."""
+    return max(_q8_unit_chunks(w, masks) for w, _ in Q8_PIECES[bits])
 
 
 def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
@@ -381,7 +387,7 @@ def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
             v = torch.nn.functional.pad(v, (0, 0, 0, cl - c)).view(nb, Q8_ROWS, cl // per, per, 64).to(torch.int32)
             shifts = (torch.arange(per, dtype=torch.int32) * width).view(1, 1, 1, per, 1)
             units = (v << shifts).sum(3).to(torch.uint8)  # [.., lines, 64]
-        per_group = P // (8 // width) if width < 8 and not (width == 1 and masks) else P
+        per_group = P // _q8_unit_chunks(width, masks)  # units of a full group
         head = units[:, :, : full * per_group]  # [blocks, R, full·upg, unit bytes]
         head = head.reshape(nb, Q8_ROWS, full, per_group, units.shape[3]).permute(0, 2, 3, 1, 4)  # unit u of row r at u·R + r
         parts_full.append(head.reshape(nb, full, per_group * Q8_ROWS * units.shape[3]))

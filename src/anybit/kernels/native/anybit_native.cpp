@@ -228,7 +228,10 @@ int anybit_set_q8_gfni(int on) {
     return old;
 }
 
-static bool use_gfni(void) { return g_q8_gfni && use_vnni() && anybit_cpu_gfni(); }
+static bool use_gfni(void) {
+    static const bool cpu = anybit_cpu_gfni();  // asked once: this runs on every call of the kernels
+    return g_q8_gfni && cpu && use_vnni();
+}
 
 // 1 if the int8 kernels in use move pieces with GFNI
 int anybit_q8_gfni(void) { return use_gfni() ? 1 : 0; }
