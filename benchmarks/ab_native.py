@@ -59,7 +59,8 @@ def load_other(path: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("other", help="the other build's _native*.so (a copy of it is loaded), or `nogfni`: "
-                    "this build with its GFNI kernels off (native.set_q8_gfni)")
+                    "this build with its GFNI kernels off (native.set_q8_gfni), or `bcqfloat`: this build's "
+                    "float-table BCQ kernel against its int8-table one (anybit_set_bcq_int8)")
     ap.add_argument("cases", nargs="+", help="format:bits:out:in[:group], e.g. int:3:4096:4096")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: GEMV)")
@@ -73,6 +74,9 @@ def main() -> None:
             sys.exit("error: this CPU has no GFNI")
         own = native._load()
         builds = {"other": lambda: native.set_q8_gfni(False), "this": lambda: native.set_q8_gfni(True)}
+    elif args.other == "bcqfloat":  # this build's BCQ LUT-GEMM with float tables against int8 tables
+        own = native._load()
+        builds = {"other": lambda: own.anybit_set_bcq_int8(0), "this": lambda: own.anybit_set_bcq_int8(1)}
     else:
         own, other = load_other(args.other)
         builds = {"other": lambda: setattr(native, "_lib", other), "this": lambda: setattr(native, "_lib", own)}
@@ -86,7 +90,8 @@ def main() -> None:
             act = ActSpec(a, group if agroup == "w" else -1, asym)
         else:
             spec, act = FormatSpec(fmt, int(bits), group, False), None
-        mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec, act=act)
+        fit = {"fit": "greedy"} if fmt.startswith("bcq") else {}  # the kernel, not the fit, is timed
+        mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec, act=act, **fit)
                 for _ in range(args.copies)]
         x = torch.randn(args.rows, int(k))
         outs = {}

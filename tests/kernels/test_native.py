@@ -202,8 +202,9 @@ def _bcq_int8_emulation(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("group", [32, 128, -1, 8, 24])
-def test_bcq_int8_tables(bits, group):
-    """AVX2's int8-table (vpshufb) BCQ kernel: equal to the emulation of its arithmetic, and
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_bcq_int8_tables(bits, group, isa):
+    """The int8-table (vpshufb) BCQ kernel (AVX2, and AVX-512's default): equal to the emulation of its arithmetic, and
     within the table rounding of the float reference; odd chunk counts per group (24, 8),
     K not a multiple of 8, K long enough for the int16 flush (1536 / 8 > 128 chunks), N split
     into row slices that are not all the same size (600 rows: 160, 160, 160, 128), and a
@@ -211,8 +212,10 @@ def test_bcq_int8_tables(bits, group):
     tables), and a prompt's rows (40: all rows' tables, then every row per row slice)."""
     if native.cpu_isa() == "scalar":
         pytest.skip("the int8-table BCQ kernel needs AVX2")
+    if isa == "avx512" and native.cpu_isa() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
     prev = native.isa()
-    native.set_isa("avx2")
+    native.set_isa(isa)
     try:
         for n, k, m in SHAPES + [(19, 1536, 2), (33, 1100, 1), (600, 136, 1), (520, 1024, 2), (48, 200, 40)]:
             q = QuantLinear.from_linear(linear(n, k), FormatSpec("bcq", bits, group), fit="greedy")

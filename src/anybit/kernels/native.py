@@ -10,7 +10,8 @@ Each kernel takes the format's packed tensors in a kernel layout prepared once p
 (cached like the reference backend's dequantized weight):
   * ``int`` / ``pot`` / ``potz``: the stored codes as they are; float32 scales (and ``s·z``;
     ``potz``: s/2, so that code m's exponent add of m gives s·2^(m−1));
-  * ``bcq``: bit-planes blocked by 16 rows, ``[N/16, q, K/8, 16]`` bytes, α as ``[G, q, N]``;
+  * ``bcq``: bit-planes blocked by 16 rows, then by pairs of chunks of 8 inputs,
+    ``[N/16, K/16, q, 2, 16]`` bytes; α and offsets blocked by 16 rows too;
   * ``bitplane``: planes as 64-bit words blocked by 8 rows, ``[N/8, G, b, W, 8]``, plus
     per-group code sums for the zero-point terms.
 Formats or specs a kernel does not cover (BCQ groups not a multiple of 8, INT weights
@@ -544,8 +545,11 @@ def _prep_bcq(module):
     npad = -(-n // 16) * 16
     planes = _pad_rows(module.planes, npad, 1)  # [q, Npad, chunks] bytes
     chunks = planes.shape[2]
-    # blocks of 16 rows: [Npad/16, q, chunks, 16]
-    planes_b = planes.reshape(q, npad // 16, 16, chunks).permute(1, 0, 3, 2).contiguous()
+    if chunks % 2:  # a zero chunk: pairs of chunks (below)
+        planes = torch.cat([planes, torch.zeros(q, npad, 1, dtype=planes.dtype)], 2)
+    # blocks of 16 rows, in a block pairs of chunks, in a pair every plane: [Npad/16, chunks/2, q, 2, 16]
+    # (kernels_impl.inc, bcq_at: one sequential stream per block of rows)
+    planes_b = planes.reshape(q, npad // 16, 16, -1, 2).permute(1, 3, 0, 4, 2).contiguous()
     alpha = _pad_rows(module.alpha.float(), npad, 0)  # [Npad, G, q]
     ng = alpha.shape[1]
     # blocks of 16 rows too: [Npad/16, G, q, 16] and [Npad/16, G, 16]
@@ -895,7 +899,7 @@ class BCQPlan:
         parts = [_prep_bcq(m) for m in modules]
         self.sizes = [m.out_features for m in modules]
         self.k, self.n = k, sum(self.sizes)
-        planes = torch.cat([p["planes"] for p in parts], 0).contiguous()  # [Npad/16, q, chunks, 16]
+        planes = torch.cat([p["planes"] for p in parts], 0).contiguous()  # [Npad/16, chunks/2, q, 2, 16]
         alpha = torch.cat([p["alpha"] for p in parts], 0).contiguous()  # [Npad/16, G, q, 16]
         offset = torch.cat([p["offset"] for p in parts], 0).contiguous()  # [Npad/16, G, 16]
         bias = _fused_bias(parts, self.sizes)
