@@ -20,7 +20,7 @@ CASES = [
     (FormatSpec("int", 8, -1, False), ActSpec()),
     (FormatSpec("potz", 3, 128, False), ActSpec()),
     (FormatSpec("pot", 2, 64, False), ActSpec()),
-    (FormatSpec("pot", 4, 128, False), ActSpec()),  # two passes (native.pot_halves)
+    (FormatSpec("pot", 4, 128, False), ActSpec()),  # two tables (native.pot_halves)
     (FormatSpec("bcq", 3, 64, False), ActSpec()),
     (FormatSpec("bitplane", 6, 64, True), ActSpec(6, -1, False)),
     (FormatSpec("bitplane", 4, 64, False), ActSpec(8, 64, True)),
@@ -48,11 +48,10 @@ def test_same_outputs_as_the_full_dispatch(spec, act, monkeypatch):
             assert q.__dict__.get("_anybit_fast") is not None, "no prepared call after a call it serves"
             n_calls = len(calls)
             again = q(x)  # through the prepared call
-            passes = 2 if native.pot_halves(spec) is not None else 1
             rows = x.numel() // 192
             # more rows than the layer's kernel takes (bit-plane AND+popcount: 8) go the full way
             served = rows <= native._fast_limit(q.__dict__["_anybit_fast"][1].kind)
-            assert calls[n_calls:] == [rows] * passes * served
+            assert calls[n_calls:] == [rows] * served
             assert again.shape == (*shape[:-1], 37)
             assert torch.equal(again, first)
             assert torch.equal(again, full_dispatch(q, x))

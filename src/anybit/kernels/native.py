@@ -309,9 +309,10 @@ def pot_levels(spec) -> tuple[list[int], int] | None:
 
 def pot_halves(spec) -> tuple[tuple[list[int], list[int]], int] | None:
     """Where the levels do not fit one byte table (plain pot W4: ±1..±128), two tables whose
-    levels add up to each code's level, each within ±64 (±128 = ±64 ± 64), and their Z (64):
-    the int8 kernel runs once per table on the same codes and the two outputs are added (exact:
-    the same integer products, split). None where one table fits or the levels are wider."""
+    levels add up to each code's level, each within ±64 (±128 = ±64 ± 64), and their Z (64
+    each): the int8 kernel dots both with the same codes (exact: the same integer products,
+    split), in one pass on the 512-bit VNNI tile, one pass per table elsewhere. None where one
+    table fits or the levels are wider."""
     if spec.format not in ("pot", "potz") or pot_levels(spec) is not None:
         return None
     levels = _pot_level_list(spec)
@@ -399,7 +400,6 @@ def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
 @_own_copy
 def _prep_int_q8(module):
     spec = module.spec
-    table2 = None
     if spec.format == "int":
         codes, scales, zeros = intfmt.IntFormat().unpack(module.packed(), spec, module.shape)
         table = None
@@ -408,14 +408,16 @@ def _prep_int_q8(module):
         fit = pot_levels(spec)
         tables, z = ([fit[0]], fit[1]) if fit is not None else pot_halves(spec)
         scales = s16.float()
-        zeros = torch.full_like(scales, float(z))
-        table, *rest = [torch.tensor([v + z for v in t] + [0] * (16 - len(t)), dtype=torch.uint8) for t in tables]
-        table2 = rest[0] if rest else None  # a second pass on the same codes (pot_halves)
+        zeros = torch.full_like(scales, float(z * len(tables)))  # the tables' zero points add up
+        # 32 bytes: the table, then the second table of pot_halves or zeros (anybit_int_q8_gemm)
+        table = torch.zeros(32, dtype=torch.uint8)
+        for i, t in enumerate(tables):
+            table[16 * i:16 * i + len(t)] = torch.tensor([v + z for v in t], dtype=torch.uint8)
         # the kernel sums <= 3-bit PoT products in int16 over 3 chunks (LUT_MAX_3BIT)
         assert spec.bits > 3 or int(table.max()) <= 16
     masks = _q8_masks(spec, module.in_features)
     return {"w": q8_layout(codes, spec.bits, masks), "scales": scales.contiguous(), "szs": (scales * zeros).contiguous(),
-            "bias": _bias(module), "table": table, "table2": table2}
+            "bias": _bias(module), "table": table}
 
 
 def _q8_args(spec, k: int, n: int, w: torch.Tensor, scales: torch.Tensor, szs: torch.Tensor,
@@ -435,10 +437,6 @@ def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
     threads = _threads(xf.shape[0] * n * k)
     args = _q8_args(module.spec, k, n, d["w"], d["scales"], d["szs"], d["bias"])
     _lib.anybit_int_q8_gemm(_ptr(xf), xf.shape[0], *args, _ptr(y), threads, _ptr(d["table"]))
-    if d["table2"] is not None:  # pot_halves: the second table's pass (no bias), added
-        y2 = torch.empty_like(y)
-        _lib.anybit_int_q8_gemm(_ptr(xf), xf.shape[0], *args[:-1], None, _ptr(y2), threads, _ptr(d["table2"]))
-        y += y2
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -944,8 +942,6 @@ def q8_plan(modules: list) -> Q8Plan | None:
     first = modules[0]
     if not all(m.spec == first.spec and m.in_features == first.in_features and _q8_usable(m) for m in modules):
         return None
-    if pot_halves(first.spec) is not None:  # two passes, two tables: the module's own path
-        return None
     if len(modules) > 1 and any(m.out_features % Q8_ROWS for m in modules):
         return None
     return Q8Plan(modules)
@@ -976,14 +972,13 @@ class FastLinear:
     float32/CPU/contiguous, more rows than its kernel takes, a changed module or setting),
     which then takes the full dispatch, where the kernels are the same."""
 
-    __slots__ = ("key", "spec", "act", "routing", "nthreads", "st", "addr", "addr2", "n", "k", "kind", "_keep")
+    __slots__ = ("key", "spec", "act", "routing", "nthreads", "st", "addr", "n", "k", "kind", "_keep")
 
-    def __init__(self, module, st: LinStruct, keep, st2: LinStruct | None = None):
+    def __init__(self, module, st: LinStruct, keep):
         self.key, self.spec, self.act = module.packed_key(), module.spec, module.act
         self.routing, self.nthreads = _routing(), torch.get_num_threads()
         self.st, self.addr, self.n, self.k, self.kind = st, ctypes.addressof(st), st.N, st.K, st.kind
-        self.addr2 = None if st2 is None else ctypes.addressof(st2)  # pot_halves: a second pass, added
-        self._keep = (keep, st2)  # the layout the structs point into stays alive with them
+        self._keep = keep  # the layout the struct points into stays alive with it
 
     def valid(self, module) -> bool:
         return (module.packed_key() == self.key and module.spec is self.spec and module.act is self.act
@@ -998,10 +993,6 @@ class FastLinear:
         y = torch.empty(*x.shape[:-1], self.n, dtype=torch.float32)
         threads = self.st.threads if rows == 1 else _threads(rows * self.n * self.k)
         _lib.anybit_lin_rows(self.addr, x.data_ptr(), rows, y.data_ptr(), threads)
-        if self.addr2 is not None:
-            y2 = torch.empty_like(y)
-            _lib.anybit_lin_rows(self.addr2, x.data_ptr(), rows, y2.data_ptr(), threads)
-            y += y2
         return y
 
 
@@ -1021,7 +1012,6 @@ def fast_linear(x: torch.Tensor, module) -> FastLinear | None:
     kind = 0 if fmt in ("int", "pot", "potz") else 1 if fmt in ("bcq", "bcq16") else 3 if bitplane_dots(module) else 2
     if x.numel() // max(x.shape[-1], 1) > _fast_limit(kind):
         return None
-    st2 = None
     if kind == 0:
         if not _q8_usable(module):
             return None
@@ -1029,12 +1019,10 @@ def fast_linear(x: torch.Tensor, module) -> FastLinear | None:
         (n, k) = module.shape
         args = _q8_args(module.spec, k, n, d["w"], d["scales"], d["szs"], d["bias"])
         st = _q8_struct(args, _ptr(d["table"]), 1)
-        if d["table2"] is not None:  # pot_halves: the second table's pass, without the bias
-            st2 = _q8_struct((*args[:-1], None), _ptr(d["table2"]), 1)
     else:
         st = _module_struct(module)
         if st is None:
             return None
         d = module._native_cache[1]  # the layouts _module_struct pointed st into
     st.threads = _struct_threads(st)
-    return FastLinear(module, st, d, st2)
+    return FastLinear(module, st, d)

@@ -245,33 +245,63 @@ int anybit_has_q8(void) {
 
 // INT weights in the piece layout of kernels_q8.inc against int8-quantized activations;
 // B: activation block (a multiple of 64 dividing the group, or 128 per channel)
-// table: nullptr for INT codes, else 16 bytes mapping each (PoT) code to level + Z
-void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
-                        int bits, int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs,
-                        const float* bias, float* y, int nthreads, const uint8_t* table) {
-#define Q8(NS, BITS)                                                                                            \
-    case BITS:                                                                                                  \
-        if (table)                                                                                              \
-            NS::q8::gemm<BITS, true>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table);  \
-        else                                                                                                    \
-            NS::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
+// table: nullptr for INT codes, else 32 bytes: 16 mapping each (PoT) code to level + Z, then,
+// where the levels do not fit a byte (plain PoT W4: ±128, native.pot_halves), 16 more whose
+// levels add to the first's (all zero when unused); szs is then s·(Z + Z2). The 512-bit tile
+// dots both tables in one pass over the codes; the other kernels run one pass per table.
+static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N, int bits,
+                    int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs, const float* bias,
+                    float* y, int nthreads, const uint8_t* table, bool two) {
+#define Q8(NS, BITS, TWO)                                                                                            \
+    case BITS:                                                                                                       \
+        if (table)                                                                                                   \
+            NS::q8::gemm<BITS, true, TWO>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
+        else                                                                                                         \
+            NS::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table);  \
         break;
 #define Q8_BITS(NS)                                                                                             \
     switch (bits) {                                                                                             \
-        Q8(NS, 2) Q8(NS, 3) Q8(NS, 4) Q8(NS, 5) Q8(NS, 6) Q8(NS, 7) Q8(NS, 8)                                   \
+        Q8(NS, 2, false) Q8(NS, 3, false) Q8(NS, 4, false) Q8(NS, 5, false) Q8(NS, 6, false) Q8(NS, 7, false)   \
+        Q8(NS, 8, false)                                                                                        \
+        default: break;                                                                                         \
+    }
+#define Q8_TWO(NS)                                                                                              \
+    switch (bits) {                                                                                             \
+        Q8(NS, 4, true)                                                                                         \
         default: break;                                                                                         \
     }
     const int kind = anybit_has_q8();
     const bool gfni = use_gfni();
     if (kind == 2 && B % 64 == 0) {  // blocks of 32: the AVX2 layout's kernel, with VNNI (below)
-        if (gfni) Q8_BITS(isa_vnni_gfni) else Q8_BITS(isa_vnni)
+        if (two) {
+            if (gfni) Q8_TWO(isa_vnni_gfni) else Q8_TWO(isa_vnni)
+        } else {
+            if (gfni) Q8_BITS(isa_vnni_gfni) else Q8_BITS(isa_vnni)
+        }
     } else if (kind >= 2) {
         if (gfni) Q8_BITS(isa_q8vnni256_gfni) else Q8_BITS(isa_q8vnni256)
     } else if (anybit_get_isa() >= 1) {
         Q8_BITS(isa_q8avx2)
     }
+#undef Q8_TWO
 #undef Q8_BITS
 #undef Q8
+}
+
+void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
+                        int bits, int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs,
+                        const float* bias, float* y, int nthreads, const uint8_t* table) {
+    bool two = false;
+    if (table)
+        for (int i = 16; i < 32; ++i) two |= table[i] != 0;
+    if (!two) return q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, false);
+    if (bits == 4 && anybit_has_q8() == 2 && B % 64 == 0)  // the 512-bit tile: both tables in one pass
+        return q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, true);
+    // one pass per table, added: the zero-point terms (szs) and the bias with the first
+    std::vector<float> y2(M * N), none(N * G, 0.0f);
+    q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, false);
+    q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, none.data(), nullptr, y2.data(), nthreads, table + 16, false);
+    for (int64_t i = 0; i < M * N; ++i) y[i] += y2[i];
 }
 
 // Bit-plane WxAy as integer dot products over unsigned weight codes in the piece layout
