@@ -247,8 +247,8 @@ int anybit_has_q8(void) {
 // B: activation block (a multiple of 64 dividing the group, or 128 per channel)
 // table: nullptr for INT codes, else 32 bytes: 16 mapping each (PoT) code to level + Z, then,
 // where the levels do not fit a byte (plain PoT W4: ±128, native.pot_halves), 16 more whose
-// levels add to the first's (all zero when unused); szs is then s·(Z + Z2). The 512-bit tile
-// dots both tables in one pass over the codes; the other kernels run one pass per table.
+// levels add to the first's (all zero when unused; two: it is used); szs is then s·(Z + Z2). The
+// 512-bit tile dots both tables in one pass over the codes; the other kernels run one pass per table.
 static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N, int bits,
                     int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs, const float* bias,
                     float* y, int nthreads, const uint8_t* table, bool two) {
@@ -272,12 +272,18 @@ static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int6
     }
     const int kind = anybit_has_q8();
     const bool gfni = use_gfni();
-    if (kind == 2 && B % 64 == 0) {  // blocks of 32: the AVX2 layout's kernel, with VNNI (below)
-        if (two) {
+    if (kind == 2 && B % 64 == 0 && (!two || bits == 4)) {  // blocks of 32: the AVX2 layout's kernel (below)
+        if (two) {  // the 512-bit tile: both tables in one pass
             if (gfni) Q8_TWO(isa_vnni_gfni) else Q8_TWO(isa_vnni)
         } else {
             if (gfni) Q8_BITS(isa_vnni_gfni) else Q8_BITS(isa_vnni)
         }
+    } else if (two) {  // one pass per table, added: the zero-point terms (szs) and the bias with the first
+        std::vector<float> y2(M * N), none(N * G, 0.0f);
+        q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, false);
+        q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, none.data(), nullptr, y2.data(), nthreads,
+                table + 16, false);
+        for (int64_t i = 0; i < M * N; ++i) y[i] += y2[i];
     } else if (kind >= 2) {
         if (gfni) Q8_BITS(isa_q8vnni256_gfni) else Q8_BITS(isa_q8vnni256)
     } else if (anybit_get_isa() >= 1) {
@@ -291,17 +297,10 @@ static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int6
 void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
                         int bits, int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs,
                         const float* bias, float* y, int nthreads, const uint8_t* table) {
-    bool two = false;
+    bool two = false;  // a second table (pot_halves)
     if (table)
         for (int i = 16; i < 32; ++i) two |= table[i] != 0;
-    if (!two) return q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, false);
-    if (bits == 4 && anybit_has_q8() == 2 && B % 64 == 0)  // the 512-bit tile: both tables in one pass
-        return q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, true);
-    // one pass per table, added: the zero-point terms (szs) and the bias with the first
-    std::vector<float> y2(M * N), none(N * G, 0.0f);
-    q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, false);
-    q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, none.data(), nullptr, y2.data(), nthreads, table + 16, false);
-    for (int64_t i = 0; i < M * N; ++i) y[i] += y2[i];
+    q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, two);
 }
 
 // Bit-plane WxAy as integer dot products over unsigned weight codes in the piece layout
