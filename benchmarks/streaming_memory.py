@@ -11,7 +11,9 @@ Each run is one `anybit quantize ... --out TMP` child process; its peak RSS is t
 ``ru_maxrss`` (os.wait4). Calibrated methods get random token windows (``--nsamples`` x
 ``--seqlen``, seed 0) from the model's own vocabulary, written to a text file: memory does
 not depend on the text. Where a model runs both ways, the saved tensors are compared
-(every tensor equal, shards or not). One heavy job at a time: nothing else may run while
+(every tensor equal, shards or not) and each output's tensors hashed into one sha256
+(``tensors_sha256``). Any float Hugging Face folder works, e.g. SmolLM2's converted one
+(docs/streaming.md). One heavy job at a time: nothing else may run while
 the wall times are taken.
 """
 
@@ -134,6 +136,22 @@ def same_tensors(a: Path, b: Path) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def tensors_sha256(folder: Path) -> str:
+    """One sha256 over every saved tensor (name, dtype, shape, bytes, in name order): equal for
+    a single-file and a sharded save of the same tensors, unlike the files' own hashes."""
+    import hashlib
+
+    import torch
+
+    from anybit.io.checkpoint import _read_weights
+
+    h = hashlib.sha256()
+    for name, t in sorted(_read_weights(folder).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def repredict(path: Path) -> None:
     doc = json.loads(path.read_text())
     base = doc["baseline_rss_gib"] * GiB
@@ -221,7 +239,11 @@ def main() -> None:
                 if len(outs) == 2:
                     rows[-1]["same_tensors_as_stream"] = rows[-2]["same_tensors_as_stream"] = \
                         same_tensors(outs[True], outs[False])
-                    print(f"same tensors streamed and in memory: {rows[-1]['same_tensors_as_stream']}", flush=True)
+                    rows[-2]["tensors_sha256"], rows[-1]["tensors_sha256"] = (tensors_sha256(outs[s])
+                                                                              for s in (True, False))
+                    print(f"same tensors streamed and in memory: {rows[-1]['same_tensors_as_stream']} "
+                          f"(sha256 {rows[-2]['tensors_sha256'][:16]}... / {rows[-1]['tensors_sha256'][:16]}...)",
+                          flush=True)
                     write(args, base, rows, None)
                 for o in outs.values():
                     shutil.rmtree(o, ignore_errors=True)
