@@ -4,7 +4,7 @@ from anybit.nn import QuantLinear
 from anybit import kernels
 torch.set_num_threads(1)
 lm = anybit.load_model("smollm2-135m")
-cfg = anybit.QuantConfig(method="potptq", wbits=3, group_size=128, options={"steps": "init"})
+cfg = anybit.QuantConfig(method="potptq", wbits=3, group_size=128, options={"steps": "init", "zero_level": False})
 anybit.quantize(lm.model, cfg, torch.randint(0, 1000, (1, 16)), progress=False)
 qs = [(n, x) for n, x in lm.model.named_modules() if isinstance(x, QuantLinear)]
 for n, q in qs[:7]:

@@ -6,7 +6,7 @@ torch.set_num_threads(1)
 lm0 = anybit.load_model("smollm2-135m")
 text = load_text("wikitext2", "test")
 win = eval_windows(lm0.tokenizer, text, 512, 3)
-for opts, method in (({"steps": "init"}, "potptq"), ({}, "rtn")):
+for opts, method in (({"steps": "init", "zero_level": False}, "potptq"), ({}, "rtn")):
     lm = anybit.load_model("smollm2-135m")
     anybit.quantize(lm.model, anybit.QuantConfig(method=method, wbits=3, group_size=128, options=opts), torch.randint(0, 1000, (1, 16)), progress=False)
     print(method, opts, perplexity(lm.model, win, dataset="w", progress=False).ppl, flush=True)

@@ -12,5 +12,5 @@ print(d[:-1])
 for lo in (0.5, 0.25):
     pot.init_scales.__defaults__ = (*d[:-1], tuple(0.01 * i for i in range(int(lo * 100), 201)))
     lm = anybit.load_model("smollm2-135m")
-    anybit.quantize(lm.model, anybit.QuantConfig(method="potptq", wbits=3, group_size=128, options={"steps": "init"}), torch.randint(0, 1000, (1, 16)), progress=False)
+    anybit.quantize(lm.model, anybit.QuantConfig(method="potptq", wbits=3, group_size=128, options={"steps": "init", "zero_level": False}), torch.randint(0, 1000, (1, 16)), progress=False)
     print("beta>=", lo, perplexity(lm.model, win, dataset="w", progress=False).ppl, flush=True)

@@ -8,5 +8,5 @@ text = load_text("wikitext2", "test")
 win = eval_windows(lm0.tokenizer, text, 512, 2)
 for skip in ([r"self_attn"], [r"mlp"], [r"^(?!model\.layers\.0\.)"], [r"^(?!model\.layers\.(1|2|3)\.)"]):
     lm = anybit.load_model("smollm2-135m")
-    anybit.quantize(lm.model, anybit.QuantConfig(method="potptq", wbits=3, group_size=128, skip=skip, options={"steps": "init"}), torch.randint(0, 1000, (1, 16)), progress=False)
+    anybit.quantize(lm.model, anybit.QuantConfig(method="potptq", wbits=3, group_size=128, skip=skip, options={"steps": "init", "zero_level": False}), torch.randint(0, 1000, (1, 16)), progress=False)
     print("skip", skip, perplexity(lm.model, win, dataset="w", progress=False).ppl, flush=True)
