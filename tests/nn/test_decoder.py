@@ -152,8 +152,13 @@ def test_native_step_runs_bcq_and_bitplane_layers(cfg):
                                  dict(method="rtn", wbits=4, group_size=64),
                                  dict(method="bcq", wbits=3, group_size=64),
                                  dict(method="rtn", wbits=6, abits=6, group_size=-1),
-                                 dict(method="rtn", wbits=4, abits=8, group_size=-1, popcount=True)],
-                         ids=["int3-g32", "int4-g64", "bcq-w3", "bitplane-w6a6", "bitplane-w4a8-popcount"])
+                                 dict(method="rtn", wbits=4, abits=8, group_size=-1, popcount=True),
+                                 # plain PoT W4 (two byte tables, native.pot_halves) in blocks of 32:
+                                 # one pass per table, the second pass's output added per thread
+                                 dict(method="potptq", wbits=4, group_size=32,
+                                      options={"steps": "init", "zero_level": False})],
+                         ids=["int3-g32", "int4-g64", "bcq-w3", "bitplane-w6a6", "bitplane-w4a8-popcount",
+                              "pot-w4-g32-two-tables"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_native_step_on_one_thread_team_equals_a_team_per_linear(cfg, family, monkeypatch):
     """The whole stack on one thread team (each thread quantizing the linears' input itself,

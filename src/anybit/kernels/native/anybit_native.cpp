@@ -283,7 +283,18 @@ static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int6
         q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, false);
         q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, none.data(), nullptr, y2.data(), nthreads,
                 table + 16, false);
-        for (int64_t i = 0; i < M * N; ++i) y[i] += y2[i];
+        // each block of rows added by the thread that computed it: the kernels' row loop is an
+        // omp for schedule(static) over the same blocks, and OpenMP gives two such loops of a team
+        // the same iterations per thread. Inside a decoding team y2 is each thread's own and holds
+        // its rows only (every thread adding every row raced on the other thread's rows).
+        constexpr int64_t R = isa_q8avx2::q8::R;  // rows per block, every int8 kernel's
+        const int64_t nblk = (N + R - 1) / R;
+        run_team(nthreads, [&] {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < nblk; ++t)
+                for (int64_t m = 0; m < M; ++m)
+                    for (int64_t n = R * t; n < std::min(N, R * t + R); ++n) y[m * N + n] += y2[m * N + n];
+        });
     } else if (kind >= 2) {
         if (gfni) Q8_BITS(isa_q8vnni256_gfni) else Q8_BITS(isa_q8vnni256)
     } else if (anybit_get_isa() >= 1) {
