@@ -12,7 +12,7 @@ Each run is one `anybit quantize ... --out TMP` child process; its peak RSS is t
 ``--seqlen``, seed 0) from the model's own vocabulary, written to a text file: memory does
 not depend on the text. Where a model runs both ways, the saved tensors are compared
 (every tensor equal, shards or not) and each output's tensors hashed into one sha256
-(``tensors_sha256``). Any float Hugging Face folder works, e.g. SmolLM2's converted one
+(``compare_outputs``). Any float Hugging Face folder works, e.g. SmolLM2's converted one
 (docs/streaming.md). One heavy job at a time: nothing else may run while
 the wall times are taken.
 """
@@ -127,29 +127,27 @@ def calib_file(folder: Path, vocab: int, nsamples: int, seqlen: int, where: Path
     return f
 
 
-def same_tensors(a: Path, b: Path) -> bool:
-    import torch
-
-    from anybit.io.checkpoint import _read_weights
-
-    sa, sb = _read_weights(a), _read_weights(b)
-    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def tensors_sha256(folder: Path) -> str:
-    """One sha256 over every saved tensor (name, dtype, shape, bytes, in name order): equal for
-    a single-file and a sharded save of the same tensors, unlike the files' own hashes."""
+def compare_outputs(a: Path, b: Path) -> tuple[bool, str, str]:
+    """Whether two saved folders hold the same tensors (every tensor equal, shards or not), and
+    one sha256 over each folder's tensors (name, dtype, shape, bytes, in name order: equal for a
+    single-file and a sharded save of the same tensors, unlike the files' own hashes); each
+    folder is read once."""
     import hashlib
 
     import torch
 
     from anybit.io.checkpoint import _read_weights
 
-    h = hashlib.sha256()
-    for name, t in sorted(_read_weights(folder).items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    sa, sb = _read_weights(a), _read_weights(b)
+    same = sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    digests = []
+    for state in (sa, sb):
+        h = hashlib.sha256()
+        for name, t in sorted(state.items()):
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digests.append(h.hexdigest())
+    return same, digests[0], digests[1]
 
 
 def repredict(path: Path) -> None:
@@ -237,10 +235,9 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     write(args, base, rows, None)  # each row as it comes: a long run stopped keeps its rows
                 if len(outs) == 2:
-                    rows[-1]["same_tensors_as_stream"] = rows[-2]["same_tensors_as_stream"] = \
-                        same_tensors(outs[True], outs[False])
-                    rows[-2]["tensors_sha256"], rows[-1]["tensors_sha256"] = (tensors_sha256(outs[s])
-                                                                              for s in (True, False))
+                    same, rows[-2]["tensors_sha256"], rows[-1]["tensors_sha256"] = compare_outputs(outs[True],
+                                                                                                   outs[False])
+                    rows[-1]["same_tensors_as_stream"] = rows[-2]["same_tensors_as_stream"] = same
                     print(f"same tensors streamed and in memory: {rows[-1]['same_tensors_as_stream']} "
                           f"(sha256 {rows[-2]['tensors_sha256'][:16]}... / {rows[-1]['tensors_sha256'][:16]}...)",
                           flush=True)
