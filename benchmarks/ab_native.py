@@ -60,7 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("other", help="the other build's _native*.so (a copy of it is loaded), or `nogfni`: "
                     "this build with its GFNI kernels off (native.set_q8_gfni), or `bcqfloat`: this build's "
-                    "float-table BCQ kernel against its int8-table one (anybit_set_bcq_int8)")
+                    "float-table BCQ kernel against its int8-table one (anybit_set_bcq_int8), or `bcqvnni`: its vpshufb "
+                    "BCQ kernel against the vpermb + vpdpbusd one (native.set_bcq_mode)")
     ap.add_argument("cases", nargs="+", help="format:bits:out:in[:group], e.g. int:3:4096:4096")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: GEMV)")
@@ -76,7 +77,12 @@ def main() -> None:
         builds = {"other": lambda: native.set_q8_gfni(False), "this": lambda: native.set_q8_gfni(True)}
     elif args.other == "bcqfloat":  # this build's BCQ LUT-GEMM with float tables against int8 tables
         own = native._load()
-        builds = {"other": lambda: own.anybit_set_bcq_int8(0), "this": lambda: own.anybit_set_bcq_int8(1)}
+        builds = {"other": lambda: native.set_bcq_mode("float"), "this": lambda: native.set_bcq_mode("vpshufb")}
+    elif args.other == "bcqvnni":  # this build's BCQ int8 tables by vpshufb against vpermb + vpdpbusd
+        if not native.has_vnni():
+            sys.exit("error: this CPU has no AVX-512 VNNI")
+        own = native._load()
+        builds = {"other": lambda: native.set_bcq_mode("vpshufb"), "this": lambda: native.set_bcq_mode("vnni")}
     else:
         own, other = load_other(args.other)
         builds = {"other": lambda: setattr(native, "_lib", other), "this": lambda: setattr(native, "_lib", own)}

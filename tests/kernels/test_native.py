@@ -155,9 +155,9 @@ def test_pot(isa, fmt, bits, group, table, monkeypatch):
 @pytest.fixture
 def bcq_float_tables():
     """The float-table BCQ kernel on every ISA (AVX2 otherwise uses int8 tables: below)."""
-    native._lib.anybit_set_bcq_int8(0)
+    prev = native.set_bcq_mode("float")
     yield
-    native._lib.anybit_set_bcq_int8(int(os.environ.get("ANYBIT_BCQ_INT8", "1") != "0"))
+    native.set_bcq_mode(prev)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -200,24 +200,30 @@ def _bcq_int8_emulation(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return out + (q.bias.double() if q.bias is not None else 0)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("group", [32, 128, -1, 8, 24])
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_bcq_int8_tables(bits, group, isa):
-    """The int8-table (vpshufb) BCQ kernel (AVX2, and AVX-512's default): equal to the emulation of its arithmetic, and
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("group", [32, 128, -1, 8, 24, 64])
+@pytest.mark.parametrize("isa,mode", [("avx2", "vpshufb"), ("avx512", "vpshufb"), ("avx512", "vnni")])
+def test_bcq_int8_tables(bits, group, isa, mode):
+    """The int8-table BCQ kernels (vpshufb: AVX2, and AVX-512 without VNNI; vpermb + vpdpbusd over
+    quads of chunks: AVX-512 VBMI + VNNI, the default there, groups multiple of 32 or one per
+    row; 8 and 24 fall back to vpshufb): equal to the emulation of their arithmetic, and
     within the table rounding of the float reference; odd chunk counts per group (24, 8),
-    K not a multiple of 8, K long enough for the int16 flush (1536 / 8 > 128 chunks), N split
+    K not a multiple of 8, chunk counts of every remainder mod 4 (the last quad's missing
+    chunks and pair), K long enough for the int16 flush (1536 / 8 > 128 chunks), N split
     into row slices that are not all the same size (600 rows: 160, 160, 160, 128), and a
     product large enough for a thread team (520 x 1024 x 2: every thread reads the caller's
-    tables), and a prompt's rows (40: all rows' tables, then every row per row slice)."""
+    tables), and a prompt's rows (40, 7, 3: tiles of 4, 2 and 1 activation rows)."""
     if native.cpu_isa() == "scalar":
         pytest.skip("the int8-table BCQ kernel needs AVX2")
     if isa == "avx512" and native.cpu_isa() != "avx512":
         pytest.skip("this CPU has no AVX-512")
-    prev = native.isa()
+    if mode == "vnni" and not native.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    prev, prev_mode = native.isa(), native.set_bcq_mode(mode)
     native.set_isa(isa)
     try:
-        for n, k, m in SHAPES + [(19, 1536, 2), (33, 1100, 1), (600, 136, 1), (520, 1024, 2), (48, 200, 40)]:
+        for n, k, m in SHAPES + [(19, 1536, 2), (33, 1100, 1), (600, 136, 1), (520, 1024, 2), (48, 200, 40),
+                                 (40, 72, 7), (40, 80, 3), (40, 88, 6), (24, 96, 5), (17, 104, 1)]:
             q = QuantLinear.from_linear(linear(n, k), FormatSpec("bcq", bits, group), fit="greedy")
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k))
             with kernels.use("native"):
@@ -229,6 +235,7 @@ def test_bcq_int8_tables(bits, group, isa):
             assert (out - ref).norm() <= 0.03 * ref.norm()
     finally:
         native.set_isa(prev)
+        native.set_bcq_mode(prev_mode)
 
 
 @pytest.mark.parametrize("wbits,levels,wsym", [(2, 0, False), (3, 5, False), (4, 0, True), (6, 0, True), (8, 0, False)])

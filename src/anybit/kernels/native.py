@@ -92,7 +92,7 @@ def _load():
         for f in ("anybit_decode_layers", "anybit_rmsnorm", "anybit_attn_decode", "anybit_silu_mul", "anybit_int_gemm", "anybit_pot_gemm", "anybit_dequant", "anybit_bcq_gemm", "anybit_bitplane_gemm",
                   "anybit_int_q8_gemm", "anybit_bitplane_q8_gemm", "anybit_bcq_dequant", "anybit_lin_call"):
             getattr(lib, f).restype = None
-        lib.anybit_set_bcq_int8(int(os.environ.get("ANYBIT_BCQ_INT8", "1") != "0"))
+        lib.anybit_set_bcq_int8(bcq_mode_from_env())
         env = os.environ.get("ANYBIT_ISA")
         if env:
             if env not in ISAS:
@@ -167,6 +167,32 @@ def set_q8_gfni(on: bool) -> bool:
     global _isa_gen
     _isa_gen += 1
     return bool(_load().anybit_set_q8_gfni(int(on)))
+
+
+BCQ_MODES = {"float": 0, "vpshufb": 1, "vnni": 2}
+
+
+def bcq_mode_from_env() -> int:
+    """The BCQ LUT-GEMM kernel ANYBIT_BCQ_INT8 asks for: 0 float tables, 1 int8 tables looked up by
+    vpshufb, 2 (default) int8 tables looked up four chunks at a time by vpermb and summed by
+    vpdpbusd where the CPU has AVX-512 VBMI and VNNI and the groups are multiples of 32 (else 1)."""
+    env = os.environ.get("ANYBIT_BCQ_INT8", "2")
+    if env not in ("0", "1", "2"):
+        raise ValueError(f"ANYBIT_BCQ_INT8={env!r}; choose 0 (float tables), 1 (vpshufb) or 2 (vpermb + vpdpbusd)")
+    return int(env)
+
+
+def set_bcq_mode(mode: str | int) -> int:
+    """Choose the BCQ kernel (BCQ_MODES name or number; see bcq_mode_from_env) for comparisons and
+    tests; returns the previous mode. The weights' layout is the same for all three."""
+    global _bcq_mode
+    new = BCQ_MODES[mode] if isinstance(mode, str) else int(mode)
+    old = bcq_mode_from_env() if _bcq_mode is None else _bcq_mode
+    _bcq_mode = _load().anybit_set_bcq_int8(new)
+    return old
+
+
+_bcq_mode: int | None = None  # as last set (None: as the environment said at load)
 
 
 def set_isa(name: str) -> str:

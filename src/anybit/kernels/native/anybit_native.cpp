@@ -13,8 +13,10 @@
 #include <cstring>
 #include <vector>
 
-// BCQ on AVX2: int8 tables looked up with vpshufb (1) or the float tables with gathers (0)
-static int g_bcq_int8 = 1;
+// BCQ: int8 tables looked up four chunks at a time by vpermb and summed by vpdpbusd (2, where
+// the CPU has AVX-512 VBMI and VNNI and the groups are whole quads of chunks; else 1), with
+// vpshufb (1), or the float tables with gathers or in-register permutes (0)
+static int g_bcq_int8 = 2;
 
 // Set on each thread of the native decoding step's thread team (anybit_decode_layers): a
 // kernel called there shares its loop over rows with that team (its `omp for` binds to the
@@ -70,6 +72,18 @@ namespace isa_avx512 {
 #include "kernels_impl.inc"
 #undef ANYBIT_ISA
 }  // namespace isa_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt")
+// (GCC 12 warns "‘__Y’ may be used uninitialized" inside its own intrinsics' _mm512_undefined_*
+// once these are inlined into the unrolled tiles: a known false positive, GCC bug 105593)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace isa_bcq_vnni {
+#include "kernels_bcq_vnni.inc"
+}  // namespace isa_bcq_vnni
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -359,14 +373,19 @@ void anybit_bcq_dequant(const uint8_t* planes, int64_t row_bytes, int64_t N, int
     DISPATCH(bcq_dequant(planes, row_bytes, N, K, q, gsize, G, alpha, offset, out, nthreads))
 }
 
-int anybit_set_bcq_int8(int on) {
-    g_bcq_int8 = on ? 1 : 0;
+// 0, 1 or 2 (g_bcq_int8); returns the mode set
+int anybit_set_bcq_int8(int mode) {
+    g_bcq_int8 = std::max(0, std::min(mode, 2));
     return g_bcq_int8;
 }
 
 void anybit_bcq_gemm(const float* x, int64_t M, int64_t K, const uint8_t* planesT, int64_t Npad, int64_t N, int q,
                      int64_t gsize, int64_t G, const float* alphaT, const float* offsetT, const float* bias, float* y,
                      int nthreads) {
+    if (g_bcq_int8 == 2 && use_vnni() && isa_bcq_vnni::bcq_gemm_vnni_ok(q, gsize, G)) {
+        isa_bcq_vnni::bcq_gemm_vnni(x, M, K, planesT, Npad, N, q, gsize, G, alphaT, offsetT, bias, y, nthreads);
+        return;
+    }
     DISPATCH(bcq_gemm(x, M, K, planesT, Npad, N, q, gsize, G, alphaT, offsetT, bias, y, nthreads))
 }
 
