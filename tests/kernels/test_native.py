@@ -336,3 +336,23 @@ def test_bcq_dequantize_and_long_prompts(bits, group):
         with kernels.use("native"):
             q(torch.randn(m, k))
         assert q._dequant_cache is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_f32_linear_kind(isa, bias):
+    """Kind 4 of the native decoding step (a float32 nn.Linear read in place): equal to F.linear
+    to float rounding on odd shapes (N not a multiple of the 4-row block, K not of the vector
+    width), 1 and several activation rows, one and two threads."""
+    import ctypes
+
+    for n, k, m in [(37, 101, 1), (4, 64, 3), (130, 576, 2), (3, 17, 1)]:
+        lin = torch.nn.Linear(k, n, bias=bias)
+        st = native.lin_struct(lin)
+        assert st is not None and st.kind == 4
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(n + k))
+        want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        for threads in (1, 2):
+            y = torch.full((m, n), float("nan"))
+            native._lib.anybit_lin_rows(ctypes.byref(st), x.data_ptr(), m, y.data_ptr(), threads)
+            torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert native.lin_struct(torch.nn.Linear(8, 8).double()) is None  # float32 only

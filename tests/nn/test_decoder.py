@@ -55,6 +55,26 @@ def test_float_decoder_matches_transformers(family):
     torch.testing.assert_close(chunk, full[5:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float_native_step_matches_the_pytorch_step(family):
+    """A float model decodes on the native step too (its linears: kind 4, float32 GEMV); the
+    same logits as the PyTorch step but for the order of the float sums."""
+    from anybit.kernels import native
+
+    if not native.available():
+        pytest.skip("the native extension is not built")
+    model = tiny_model(family, **FAMILIES[family])
+    ids = torch.randint(1, 500, (1, 15), generator=torch.Generator().manual_seed(4))
+    fast, slow = StaticDecoder(model, 20), StaticDecoder(model, 20)
+    assert fast.fast is not None
+    slow.fast = None
+    fast(ids[:, :6]), slow(ids[:, :6])
+    for j in range(6, 15):
+        torch.testing.assert_close(fast(ids[:, j:j + 1]), slow(ids[:, j:j + 1]), atol=1e-4, rtol=1e-4)
+    with kernels.use("reference"):  # the reference backend keeps the PyTorch step
+        assert StaticDecoder(model, 20).fast is None
+
+
 def _close_up_to_int8_flips(a, b):
     """Equal but for the rare activation whose int8 rounding flips between two float paths
     (a flip moves the logits by ~1 % of their spread; a wrong step moves them by ~100 %)."""

@@ -875,11 +875,31 @@ def lin_struct(item) -> LinStruct | None:
         return item.struct
     if isinstance(item, Q8Plan):
         return _q8_struct(item.args, item.table, item.threads)
-    if _load() is None or not isinstance(item, QuantLinear):
+    if _load() is None:
+        return None
+    if isinstance(item, torch.nn.Linear):
+        return _f32_struct(item) if F32_STEP else None
+    if not isinstance(item, QuantLinear):
         return None
     st = _module_struct(item)
     if st is not None:
         st.threads = _struct_threads(st)
+    return st
+
+
+# False: a float model's decoding step stays in PyTorch (ANYBIT_F32_STEP=0; for comparisons)
+F32_STEP = os.environ.get("ANYBIT_F32_STEP", "1") != "0"
+
+
+def _f32_struct(lin: torch.nn.Linear) -> LinStruct | None:
+    """Kind 4: a float32 nn.Linear read in place (its weight and bias are pointed to, not copied)."""
+    w, b = lin.weight, lin.bias
+    if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu")
+           for t in (w, b)):
+        return None
+    st = LinStruct(kind=4, K=lin.in_features, N=lin.out_features, threads=_threads(w.numel()), bias=_ptr(b),
+                   w=w.data_ptr())
+    st.threads = _struct_threads(st)
     return st
 
 

@@ -424,7 +424,8 @@ void anybit_silu_mul(const float* gu, int64_t rows, int64_t n, float* out) {
 // One prepared linear of the native decoding step (native.lin_struct builds it): kind 0 the
 // int8-activation kernel (INT/PoT, possibly several layers fused along N), 1 BCQ (LUT-GEMM),
 // 2 bit-plane (quantized activations; AND+popcount), 3 bit-plane as integer dot products
-// (scales: sw, szs: the zero points a, alpha: U = Σ u). Fields a kind does not use are zero.
+// (scales: sw, szs: the zero points a, alpha: U = Σ u), 4 float32 weights (w: [N, K] floats).
+// Fields a kind does not use are zero.
 struct AnybitLin {
     int64_t kind, K, N, threads;
     const float* bias;
@@ -465,6 +466,9 @@ static inline void lin_rows(const AnybitLin& p, const float* x, int64_t M, float
         case 1:
             anybit_bcq_gemm(x, M, p.K, p.w, p.Npad, p.N, (int)p.bits, p.gsize, p.G, p.alpha, p.offset, p.bias, y,
                             threads);
+            break;
+        case 4:
+            DISPATCH_DEC(f32_gemm(x, M, p.K, reinterpret_cast<const float*>(p.w), p.N, p.bias, y, threads))
             break;
         case 3:
             anybit_bitplane_q8_gemm(x, M, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.scales, p.szs,
