@@ -39,7 +39,10 @@ def test_e2e_bench_against_the_recorded_source(tmp_path, capsys):
     assert rep["baseline"]["model"] == "stories260k" and rep["model"]["source"] == "stories260k"
     assert rep["decode_speedup"] > 0 and rep["weights_ratio"] < 1
     assert rep["rounds"] == 2 and len(rep["model"]["decode_rounds"]) == 2
-    assert rep["model"]["decoder"].startswith("lean") and rep["baseline"]["decoder"] == "lean"
+    assert rep["model"]["decoder"].startswith("lean")
+    # the float baseline decodes on the same native step as the quantized model (float32 GEMVs)
+    from anybit.kernels import native
+    assert rep["baseline"]["decoder"] == ("lean-native" if native.available() else "lean")
 
 
 def test_cold_mode_cycles_enough_distinct_matrices():
