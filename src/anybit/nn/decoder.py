@@ -144,9 +144,10 @@ class StaticDecoder:
 
     def _fast_tables(self):
         """The layer table of the native decoding step (one token, the whole stack in one C
-        call), or None where a layer needs the PyTorch path (float linears, a format without
-        a batch-1 kernel, quantized Q/K/V, a dtype other than float32, or the reference backend
-        chosen). Float32 nn.Linear layers run on it too (native.lin_struct: kind 4)."""
+        call), or None where a layer needs the PyTorch path (a format without a batch-1
+        kernel, quantized Q/K/V, a dtype other than float32, ANYBIT_F32_STEP=0 for float
+        linears, or the reference backend chosen). Float32 nn.Linear layers run on it too
+        (native.lin_struct: kind 4)."""
         if native._load() is None or self.dtype != torch.float32 or kernels.current() not in ("auto", "native"):
             return None
 
