@@ -16,6 +16,7 @@ each build and their ratio (this build over the other); nothing else may run mea
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import shutil
@@ -61,7 +62,8 @@ def main() -> None:
     ap.add_argument("other", help="the other build's _native*.so (a copy of it is loaded), or `nogfni`: "
                     "this build with its GFNI kernels off (native.set_q8_gfni), or `bcqfloat`: this build's "
                     "float-table BCQ kernel against its int8-table one (anybit_set_bcq_int8), or `bcqvnni`: its vpshufb "
-                    "BCQ kernel against the vpermb + vpdpbusd one (native.set_bcq_mode)")
+                    "BCQ kernel against the vpermb + vpdpbusd one (native.set_bcq_mode), or `tile4`: the 4-row 512-bit int8 tile "
+                    "against the rows-in-lanes kernel (native.set_q8_rows16; each with its own layout)")
     ap.add_argument("cases", nargs="+", help="format:bits:out:in[:group], e.g. int:3:4096:4096")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: GEMV)")
@@ -83,6 +85,11 @@ def main() -> None:
             sys.exit("error: this CPU has no AVX-512 VNNI")
         own = native._load()
         builds = {"other": lambda: native.set_bcq_mode("vpshufb"), "this": lambda: native.set_bcq_mode("vnni")}
+    elif args.other == "tile4":  # this build's 4-row 512-bit int8 tile against its rows-in-lanes kernel
+        if native.q8_kernel() != "rows16":
+            sys.exit("error: the rows-in-lanes int8 kernel is not in use here (AVX-512 VNNI, ANYBIT_Q8_ROWS16)")
+        own = native._load()
+        builds = {"other": lambda: native.set_q8_rows16(False), "this": lambda: native.set_q8_rows16(True)}
     else:
         own, other = load_other(args.other)
         builds = {"other": lambda: setattr(native, "_lib", other), "this": lambda: setattr(native, "_lib", own)}
@@ -99,27 +106,31 @@ def main() -> None:
         fit = {"fit": "greedy"} if fmt.startswith("bcq") else {}  # the kernel, not the fit, is timed
         mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec, act=act, **fit)
                 for _ in range(args.copies)]
+        # tile4: the two kernels have different layouts, each module caches one: a copy for each
+        modsets = {"this": mods, "other": copy.deepcopy(mods) if args.other == "tile4" else mods}
         x = torch.randn(args.rows, int(k))
         outs = {}
         for name, use in builds.items():
             use()
-            outs[name] = K.linear(x, mods[0])
+            outs[name] = K.linear(x, modsets[name][0])
         same = torch.equal(outs["this"], outs["other"])
+        rel = float((outs["this"] - outs["other"]).abs().max() / outs["other"].abs().max().clamp_min(1e-30))
         reps = max(50, 8 * args.copies)
         times: dict[str, list[float]] = {name: [] for name in builds}
         for _ in range(args.rounds):
             for name, use in builds.items():
                 use()
-                for m in mods:
+                ms = modsets[name]
+                for m in ms:
                     K.linear(x, m)
                 t0 = time.perf_counter()
                 for i in range(reps):
-                    K.linear(x, mods[i % args.copies])
+                    K.linear(x, ms[i % args.copies])
                 times[name].append((time.perf_counter() - t0) / reps * 1e3)
         med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
         print(f"{case} rows {args.rows} threads {args.threads}: other {med['other']:.3f} ms, this "
               f"{med['this']:.3f} ms, this/other {med['this'] / med['other']:.3f}"
-              f"{'' if same else '  (outputs DIFFER)'}", flush=True)
+              f"{'' if same else f'  (outputs differ: max |Δ| {rel:.1e} of max |y|)'}", flush=True)
     native._lib = own
 
 

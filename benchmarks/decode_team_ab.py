@@ -2,7 +2,9 @@
 token (the default) against one team per linear (``anybit_set_decode_team(0)``), or, with
 ``--other SO``, this build against another build of the native library (both on one team),
 or, with ``--bcq-fuse``, BCQ decoding with Q/K/V and gate/up as one LUT-GEMM call each
-(``native.BCQ_FUSE``, B; prefill too) against one call per linear (A).
+(``native.BCQ_FUSE``, B; prefill too) against one call per linear (A), or, with ``--tile4``, the
+rows-in-lanes int8 kernel (B) against the 4-row 512-bit tile (``native.set_q8_rows16``, A; each
+side its own copy of the model, as the layouts differ).
 
 For each saved anybit model folder: the lean decoder prefills a short prompt, then decodes
 ``--tokens`` greedy tokens, alternating the two sides round by round (``--rounds``); tok/s
@@ -11,6 +13,7 @@ per round, the median ratio (B / A), and whether both sides produce the same log
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int3g128 /tmp/anybit-e2e/w6a6 --rounds 6
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int3g128 --other /tmp/base_native.so
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/bcq3g128 --bcq-fuse
+    python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int4g128 --tile4
 
 Nothing else may run meanwhile (two cores).
 """
@@ -28,11 +31,13 @@ from anybit.nn.decoder import StaticDecoder
 from ab_native import load_other  # benchmarks/ab_native.py
 
 
-def run(dec: StaticDecoder, ids: torch.Tensor, tokens: int, team: int) -> tuple[float, torch.Tensor]:
+def run(dec: StaticDecoder, ids: torch.Tensor, tokens: int, team: int, rows16: bool = True) -> tuple[float, torch.Tensor]:
     """tok/s of ``tokens`` greedy steps after prefilling ``ids``, and their logits (the
-    library of ``dec``'s native step also runs its head)."""
+    library of ``dec``'s native step also runs its head; ``rows16``: the int8 kernel in use)."""
     lib = dec.fast[0]
     native._lib = lib
+    if hasattr(lib, "anybit_set_q8_rows16"):
+        lib.anybit_set_q8_rows16(int(rows16))
     if hasattr(lib, "anybit_set_decode_team"):
         lib.anybit_set_decode_team(team)
     dec.reset()
@@ -66,13 +71,19 @@ def main() -> None:
     ap.add_argument("--other", help="another build's _native*.so: compare it (A) with this build (B)")
     ap.add_argument("--bcq-fuse", action="store_true",
                     help="BCQ Q/K/V and gate/up fused (B) against one call per linear (A)")
+    ap.add_argument("--tile4", action="store_true",
+                    help="the rows-in-lanes int8 kernel (B) against the 4-row 512-bit tile (A)")
     args = ap.parse_args()
     if not native.available():
         raise SystemExit("error: the native kernels are not built; run `python setup.py build_ext --inplace`")
     torch.set_num_threads(args.threads)
     own = native._load()
-    fuse = (True, True)
-    if args.other:
+    fuse, rows16 = (True, True), (True, True)
+    if args.tile4:
+        if native.q8_kernel() != "rows16":
+            raise SystemExit("error: the rows-in-lanes int8 kernel is not in use here (AVX-512 VNNI, ANYBIT_Q8_ROWS16)")
+        sides, names, rows16 = ((own, 1), (own, 1)), ("4-row tile", "rows in lanes"), (False, True)
+    elif args.other:
         own, other = load_other(args.other)
         sides, names = ((other, 1), (own, 1)), ("other build", "this build")
     elif args.bcq_fuse:
@@ -84,7 +95,13 @@ def main() -> None:
     for path in args.models:
         model, _ = anybit.load(path)
         ids = (torch.arange(args.prompt_tokens)[None] * 7919) % (model.config.vocab_size - 1) + 1
-        decs = [decoder(model, args.prompt_tokens + args.tokens + 1, lib, f) for (lib, _), f in zip(sides, fuse)]
+        decs = []
+        for (lib, _), f, r16 in zip(sides, fuse, rows16):
+            if args.tile4:  # a model per side: each caches the layout of its kernel
+                native.set_q8_rows16(r16)
+                model = anybit.load(path)[0]
+            decs.append(decoder(model, args.prompt_tokens + args.tokens + 1, lib, f))
+        native.set_q8_rows16(True)
         if any(d.fast is None for d in decs):
             print(f"| {path} | (no native step for this model) | | | |")
             continue
@@ -93,7 +110,7 @@ def main() -> None:
         with torch.inference_mode():
             for r in range(args.rounds):
                 for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                    s, out = run(decs[i], ids, args.tokens, sides[i][1])
+                    s, out = run(decs[i], ids, args.tokens, sides[i][1], rows16[i])
                     speed[i].append(s)
                     outs.setdefault(i, out)
         native._lib = own

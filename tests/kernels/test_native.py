@@ -72,13 +72,14 @@ Q8_CASES = [("int", b, s) for b in (2, 3, 4, 5, 6, 7, 8) for s in (False, True)]
 def test_int_int8_activations(isa, fmt, bits, sym, group):
     """INT weights against int8 activations (AVX-512 VNNI where the CPU has it and avx512 is
     in use, else AVX2 vpmaddubsw): equal to the emulation of its arithmetic, and within the
-    int8 rounding of the float reference; odd N (blocks of 4 rows padded), K not a multiple
-    of the group or of 64, batch 1 to 7 (tiles of 4, 2 and 1 activation rows)."""
+    int8 rounding of the float reference; odd N (blocks of 4 or 16 rows padded), K not a
+    multiple of the group or of 64, batch 1 to 7 (tiles of 4, 2 and 1 activation rows)."""
     if isa == "scalar":
         assert not native._lib.anybit_has_q8()
         pytest.skip("the int8-activation kernels need AVX2")
     vnni = isa.startswith("avx512") and native.has_vnni()
-    assert native.q8_kernel() == ("vnni256" if isa == "avx512-vnni256" else "vnni" if vnni else "avx2")
+    want = {"avx512-vnni256": "vnni256", "avx512-tile4": "vnni"}.get(isa, "rows16") if vnni else "avx2"
+    assert native.q8_kernel() == want
     assert native.q8_gfni() == (vnni and native.has_gfni() and isa != "avx512-nogfni")
     for n, k, m in [(37, 576, 1), (5, 200, 3), (19, 1536, 5), (4, 64, 2), (9, 300, 4), (11, 640, 7)]:
         opts = {"grid": (0.5, 0.8, 1.0)} if fmt != "int" else {}
@@ -293,6 +294,26 @@ def test_bad_isa_setting_warns_once_and_falls_back():
                        env={**os.environ, "ANYBIT_ISA": "mmx"})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "1 ['auto', 'reference']", p.stdout
+
+
+@pytest.mark.parametrize("fmt,bits", [("int", 3), ("int", 8), ("pot", 4)])
+def test_fused_int8_plan_equals_its_parts(isa, fmt, bits):
+    """Q/K/V-style plans (one int8 kernel call over several linears' rows) give each part's own
+    output, bit for bit, in each kernel's layout (blocks of 16 rows for the rows-in-lanes
+    kernel, of 4 otherwise); parts whose rows do not fill whole blocks get no plan."""
+    if isa == "scalar":
+        pytest.skip("the int8-activation kernels need AVX2")
+    k = 200
+    mods = [QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, 64)) for n in (48, 16, 32)]
+    plan = native.q8_plan(mods)
+    assert plan is not None
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        with kernels.use("native"):
+            parts = torch.cat([q(x) for q in mods], 1)
+        assert torch.equal(plan(x), parts)
+    ragged = [QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, 64)) for n in (20, 8)]
+    assert (native.q8_plan(ragged) is None) == (native.q8_kernel() == "rows16")
 
 
 def test_one_module_serves_decode_and_prefill_layouts():

@@ -69,6 +69,10 @@ def _load():
             lib.anybit_set_q8_vnni256.restype = c_int
             lib.anybit_set_q8_vnni256.argtypes = [c_int]
             lib.anybit_set_q8_vnni256(int(Q8_VNNI256_DEFAULT))
+        if hasattr(lib, "anybit_set_q8_rows16"):  # older builds (benchmarks/ab_native.py) lack it
+            lib.anybit_set_q8_rows16.restype = c_int
+            lib.anybit_set_q8_rows16.argtypes = [c_int]
+            lib.anybit_set_q8_rows16(int(Q8_ROWS16_DEFAULT))
         if hasattr(lib, "anybit_set_q8_gfni"):  # older builds (benchmarks/ab_native.py) lack it
             lib.anybit_cpu_gfni.restype = c_int
             lib.anybit_set_q8_gfni.restype = c_int
@@ -125,9 +129,11 @@ def has_vnni() -> bool:
 
 
 def q8_kernel() -> str | None:
-    """The int8-activation kernel in use: ``"vnni"`` (512-bit tile), ``"vnni256"`` (the AVX2
-    kernel and layout with 256-bit vpdpbusd), ``"avx2"`` or None (portable)."""
-    return {3: "vnni256", 2: "vnni", 1: "avx2"}.get(int(_load().anybit_has_q8())) if available() else None
+    """The int8-activation kernel in use: ``"rows16"`` (AVX-512 VNNI, 16 rows in a register's
+    lanes), ``"vnni"`` (AVX-512 VNNI, the 4-row tile), ``"vnni256"`` (the AVX2 kernel and layout
+    with 256-bit vpdpbusd), ``"avx2"`` or None (portable)."""
+    kinds = {4: "rows16", 3: "vnni256", 2: "vnni", 1: "avx2"}
+    return kinds.get(int(_load().anybit_has_q8())) if available() else None
 
 
 # Where AVX-512 VNNI is in use, which int8 kernel runs INT/PoT layers at load: True the AVX2
@@ -137,7 +143,12 @@ def q8_kernel() -> str | None:
 # 256-bit form.
 Q8_VNNI256_DEFAULT = os.environ.get("ANYBIT_Q8_VNNI", "512") == "256"
 
-_isa_gen = 0  # bumped by set_isa and set_q8_vnni256: prepared calls (FastLinear) built before are stale
+# Where AVX-512 VNNI is in use (and not the 256-bit kernel), which 512-bit kernel and layout:
+# rows in the lanes (kernels_q8_rows16.inc, the default: no per-group fold of a row's lanes) or
+# the 4-row tile (ANYBIT_Q8_ROWS16=0, or set_q8_rows16(False); kept for comparisons).
+Q8_ROWS16_DEFAULT = os.environ.get("ANYBIT_Q8_ROWS16", "1") != "0"
+
+_isa_gen = 0  # bumped by set_isa and set_q8_*: prepared calls (FastLinear) built before are stale
 
 
 def set_q8_vnni256(on: bool) -> bool:
@@ -146,6 +157,14 @@ def set_q8_vnni256(on: bool) -> bool:
     global _isa_gen
     _isa_gen += 1
     return bool(_load().anybit_set_q8_vnni256(int(on)))
+
+
+def set_q8_rows16(on: bool) -> bool:
+    """Choose the 512-bit int8 kernel where VNNI is in use (see Q8_ROWS16_DEFAULT); returns
+    the previous choice. Layouts are cached per kernel, so modules rebuild theirs."""
+    global _isa_gen
+    _isa_gen += 1
+    return bool(_load().anybit_set_q8_rows16(int(on)))
 
 
 def has_gfni() -> bool:
@@ -376,8 +395,43 @@ def q8_layout(codes: torch.Tensor, bits: int, masks: bool = False) -> torch.Tens
 
 def _q8_masks(spec, k: int) -> bool:
     """Whether the int8 kernel that runs this layer reads 1-bit pieces as masks (the 512-bit
-    VNNI tile; blocks of 32 go to the AVX2 layout's kernel there, with 256-bit VNNI)."""
-    return q8_kernel() == "vnni" and q8_block(spec, k) % 64 == 0
+    VNNI kernels; blocks of 32 go to the AVX2 layout's kernel there, with 256-bit VNNI)."""
+    return q8_kernel() in ("vnni", "rows16") and q8_block(spec, k) % 64 == 0
+
+
+def q8_block_rows(spec, k: int) -> int:
+    """Rows per block of the int8 kernel's layout for this layer: 16 for the rows-in-lanes
+    kernel (q8_layout_rows16), else 4 (q8_layout)."""
+    return Q8_RL if q8_kernel() == "rows16" and q8_block(spec, k) % 64 == 0 else Q8_ROWS
+
+
+Q8_RL = 16  # rows per block of the rows-in-lanes layout (kernels_q8_rows16.inc: RL)
+
+
+def q8_layout_rows16(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``uint8 [N, K]`` in the layout of kernels_q8_rows16.inc: blocks of 16 rows
+    (``uint8 [ceil(N/16), block bytes]``), a block's chunk q holding codes 4q..4q+3 of its 16
+    rows ([row][4]); each block stored as one row of the piece layout (q8_layout, masks)."""
+    n, k = codes.shape
+    kp = -(-k // 64) * 64
+    step = Q8_RL * max(1, (1 << 20) // max(kp, 1))
+    out = []
+    for i in range(0, max(n, 1), step):
+        part = codes[i: i + step]
+        nb = -(-part.shape[0] // Q8_RL)
+        part = torch.nn.functional.pad(part, (0, kp - k, 0, nb * Q8_RL - part.shape[0]))
+        part = part.view(nb, Q8_RL, kp // 4, 4).permute(0, 2, 1, 3).reshape(nb, kp * Q8_RL)
+        out.append(_q8_layout(part, bits, masks=True, rows=1))
+    return torch.cat(out, 0).contiguous() if len(out) > 1 else out[0]
+
+
+def q8_rows16_values(v: torch.Tensor) -> torch.Tensor:
+    """Per-(row, group) values ``[N, G]`` (scales, s·z) as the rows16 kernel reads them: per block
+    of 16 rows, ``[G][16]`` (rows past N zero)."""
+    n, g = v.shape
+    nb = -(-n // Q8_RL)
+    v = torch.nn.functional.pad(v, (0, 0, 0, nb * Q8_RL - n))
+    return v.view(nb, Q8_RL, g).transpose(1, 2).contiguous().view(nb * g, Q8_RL)
 
 
 def _q8_unit_chunks(width: int, masks: bool) -> int:
@@ -394,11 +448,11 @@ def q8_group_chunks(bits: int, masks: bool) -> int:
     return max(_q8_unit_chunks(w, masks) for w, _ in Q8_PIECES[bits])
 
 
-def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
+def _q8_layout(codes: torch.Tensor, bits: int, masks: bool, rows: int = Q8_ROWS) -> torch.Tensor:
     n, k = codes.shape
     c = -(-k // 64)
-    nb = -(-n // Q8_ROWS)
-    codes = torch.nn.functional.pad(codes, (0, c * 64 - k, 0, nb * Q8_ROWS - n)).view(nb, Q8_ROWS, c, 64)
+    nb = -(-n // rows)
+    codes = torch.nn.functional.pad(codes, (0, c * 64 - k, 0, nb * rows - n)).view(nb, rows, c, 64)
     P = q8_group_chunks(bits, masks)
     full = -(-c // P) - 1  # groups of P chunks before the last (which may be shorter)
     parts_full, parts_last = [], []
@@ -407,18 +461,18 @@ def _q8_layout(codes: torch.Tensor, bits: int, masks: bool) -> torch.Tensor:
         if width == 8:
             units = v  # unit = a chunk of 64 bytes
         elif width == 1 and masks:
-            bits8 = v.view(nb, Q8_ROWS, c, 8, 8).to(torch.int32)  # [.., chunk, byte i, bit t] = code 8i + t
+            bits8 = v.view(nb, rows, c, 8, 8).to(torch.int32)  # [.., chunk, byte i, bit t] = code 8i + t
             units = (bits8 << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)  # [.., C, 8]
         else:
             per = 8 // width
             cl = -(-c // per) * per
-            v = torch.nn.functional.pad(v, (0, 0, 0, cl - c)).view(nb, Q8_ROWS, cl // per, per, 64).to(torch.int32)
+            v = torch.nn.functional.pad(v, (0, 0, 0, cl - c)).view(nb, rows, cl // per, per, 64).to(torch.int32)
             shifts = (torch.arange(per, dtype=torch.int32) * width).view(1, 1, 1, per, 1)
             units = (v << shifts).sum(3).to(torch.uint8)  # [.., lines, 64]
         per_group = P // _q8_unit_chunks(width, masks)  # units of a full group
         head = units[:, :, : full * per_group]  # [blocks, R, full·upg, unit bytes]
-        head = head.reshape(nb, Q8_ROWS, full, per_group, units.shape[3]).permute(0, 2, 3, 1, 4)  # unit u of row r at u·R + r
-        parts_full.append(head.reshape(nb, full, per_group * Q8_ROWS * units.shape[3]))
+        head = head.reshape(nb, rows, full, per_group, units.shape[3]).permute(0, 2, 3, 1, 4)  # unit u of row r at u·R + r
+        parts_full.append(head.reshape(nb, full, per_group * rows * units.shape[3]))
         parts_last.append(units[:, :, full * per_group:].transpose(1, 2).reshape(nb, -1))
     return torch.cat([torch.cat(parts_full, 2).reshape(nb, -1)] + parts_last, 1).contiguous()
 
@@ -441,9 +495,12 @@ def _prep_int_q8(module):
             table[16 * i:16 * i + len(t)] = torch.tensor([v + z for v in t], dtype=torch.uint8)
         # the kernel sums <= 3-bit PoT products in int16 over 3 chunks (LUT_MAX_3BIT)
         assert spec.bits > 3 or int(table.max()) <= 16
-    masks = _q8_masks(spec, module.in_features)
-    return {"w": q8_layout(codes, spec.bits, masks), "scales": scales.contiguous(), "szs": (scales * zeros).contiguous(),
-            "bias": _bias(module), "table": table}
+    szs = scales * zeros
+    if q8_block_rows(spec, module.in_features) == Q8_RL:
+        w, scales, szs = q8_layout_rows16(codes, spec.bits), q8_rows16_values(scales), q8_rows16_values(szs)
+    else:
+        w = q8_layout(codes, spec.bits, _q8_masks(spec, module.in_features))
+    return {"w": w, "scales": scales.contiguous(), "szs": szs.contiguous(), "bias": _bias(module), "table": table}
 
 
 def _q8_args(spec, k: int, n: int, w: torch.Tensor, scales: torch.Tensor, szs: torch.Tensor,
@@ -451,8 +508,8 @@ def _q8_args(spec, k: int, n: int, w: torch.Tensor, scales: torch.Tensor, szs: t
     """The int8 kernel's arguments after the activations and their row count, up to the bias
     (``anybit_int_q8_gemm``'s order), for a layout of ``n`` rows."""
     g, ng = _group(spec, k)
-    return (k, _ptr(w), w.shape[1] // Q8_ROWS, n, spec.bits, g, ng, q8_block(spec, k), _ptr(scales), _ptr(szs),
-            _ptr(bias))
+    return (k, _ptr(w), w.shape[1] // q8_block_rows(spec, k), n, spec.bits, g, ng, q8_block(spec, k), _ptr(scales),
+            _ptr(szs), _ptr(bias))
 
 
 def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
@@ -988,7 +1045,7 @@ def q8_plan(modules: list) -> Q8Plan | None:
     first = modules[0]
     if not all(m.spec == first.spec and m.in_features == first.in_features and _q8_usable(m) for m in modules):
         return None
-    if len(modules) > 1 and any(m.out_features % Q8_ROWS for m in modules):
+    if len(modules) > 1 and any(m.out_features % q8_block_rows(m.spec, m.in_features) for m in modules):
         return None
     return Q8Plan(modules)
 

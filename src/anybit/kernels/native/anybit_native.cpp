@@ -227,6 +227,16 @@ int anybit_set_q8_vnni256(int on) {
     return old;
 }
 
+// Where VNNI is in use and the 256-bit kernel is not chosen: 1 = the rows-in-lanes kernel and layout
+// (kernels_q8_rows16.inc, the default), 0 = the 4-row 512-bit tile (anybit_set_q8_rows16; for comparisons)
+static int g_q8_rows16 = 1;
+
+int anybit_set_q8_rows16(int on) {
+    const int old = g_q8_rows16;
+    g_q8_rows16 = on ? 1 : 0;
+    return old;
+}
+
 // Where VNNI is in use and the CPU has GFNI: 1 = the kernels compiled with it (Q8_GFNI), 0 = without
 // (anybit_set_q8_gfni; for comparisons and tests)
 static int g_q8_gfni = 1;
@@ -250,10 +260,10 @@ static bool use_gfni(void) {
 // 1 if the int8 kernels in use move pieces with GFNI
 int anybit_q8_gfni(void) { return use_gfni() ? 1 : 0; }
 
-// Which int8-activation kernel runs: 3 AVX2 layout with 256-bit VNNI, 2 AVX-512 VNNI, 1 AVX2
-// (vpmaddubsw), 0 none (the portable instruction set is in use)
+// Which int8-activation kernel runs: 4 AVX-512 VNNI with rows in the lanes, 3 AVX2 layout with
+// 256-bit VNNI, 2 AVX-512 VNNI 4-row tile, 1 AVX2 (vpmaddubsw), 0 none (the portable instruction set)
 int anybit_has_q8(void) {
-    if (use_vnni()) return g_q8_vnni256 ? 3 : 2;
+    if (use_vnni()) return g_q8_vnni256 ? 3 : g_q8_rows16 ? 4 : 2;
     return anybit_get_isa() >= 1 ? 1 : 0;
 }
 
@@ -284,9 +294,30 @@ static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int6
         Q8(NS, 4, true)                                                                                         \
         default: break;                                                                                         \
     }
+#define RL(NS, BITS, TWO)                                                                                         \
+    case BITS:                                                                                                    \
+        if (table)                                                                                                \
+            NS::q8::gemm_rows16<BITS, true, TWO>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, \
+                                                 table);                                                          \
+        else                                                                                                      \
+            NS::q8::gemm_rows16<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, \
+                                             table);                                                              \
+        break;
+#define RL_BITS(NS)                                                                                             \
+    if (two) {                                                                                                  \
+        switch (bits) { RL(NS, 4, true) default: break; }                                                       \
+    } else {                                                                                                    \
+        switch (bits) {                                                                                         \
+            RL(NS, 2, false) RL(NS, 3, false) RL(NS, 4, false) RL(NS, 5, false) RL(NS, 6, false)                \
+            RL(NS, 7, false) RL(NS, 8, false)                                                                   \
+            default: break;                                                                                     \
+        }                                                                                                       \
+    }
     const int kind = anybit_has_q8();
     const bool gfni = use_gfni();
-    if (kind == 2 && B % 64 == 0 && (!two || bits == 4)) {  // blocks of 32: the AVX2 layout's kernel (below)
+    if (kind == 4 && B % 64 == 0 && (!two || bits == 4)) {  // rows in the lanes (kernels_q8_rows16.inc)
+        if (gfni) RL_BITS(isa_vnni_gfni) else RL_BITS(isa_vnni)
+    } else if (kind == 2 && B % 64 == 0 && (!two || bits == 4)) {  // blocks of 32: the AVX2 layout's kernel (below)
         if (two) {  // the 512-bit tile: both tables in one pass
             if (gfni) Q8_TWO(isa_vnni_gfni) else Q8_TWO(isa_vnni)
         } else {
@@ -314,6 +345,8 @@ static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int6
     } else if (anybit_get_isa() >= 1) {
         Q8_BITS(isa_q8avx2)
     }
+#undef RL_BITS
+#undef RL
 #undef Q8_TWO
 #undef Q8_BITS
 #undef Q8
