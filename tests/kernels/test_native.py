@@ -73,7 +73,7 @@ def test_int_int8_activations(isa, fmt, bits, sym, group):
     """INT weights against int8 activations (AVX-512 VNNI where the CPU has it and avx512 is
     in use, else AVX2 vpmaddubsw): equal to the emulation of its arithmetic, and within the
     int8 rounding of the float reference; odd N (blocks of 4 or 16 rows padded), K not a
-    multiple of the group or of 64, batch 1 to 7 (tiles of 4, 2 and 1 activation rows)."""
+    multiple of the group or of 64, batch 1 to 15 (tiles of 8, 4, 2 and 1 activation rows)."""
     if isa == "scalar":
         assert not native._lib.anybit_has_q8()
         pytest.skip("the int8-activation kernels need AVX2")
@@ -81,7 +81,7 @@ def test_int_int8_activations(isa, fmt, bits, sym, group):
     want = {"avx512-vnni256": "vnni256", "avx512-tile4": "vnni"}.get(isa, "rows16") if vnni else "avx2"
     assert native.q8_kernel() == want
     assert native.q8_gfni() == (vnni and native.has_gfni() and isa != "avx512-nogfni")
-    for n, k, m in [(37, 576, 1), (5, 200, 3), (19, 1536, 5), (4, 64, 2), (9, 300, 4), (11, 640, 7)]:
+    for n, k, m in [(37, 576, 1), (5, 200, 3), (19, 1536, 5), (4, 64, 2), (9, 300, 4), (11, 640, 7), (21, 256, 15)]:
         opts = {"grid": (0.5, 0.8, 1.0)} if fmt != "int" else {}
         q = QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, group, sym), **opts)
         assert native._q8_usable(q)
