@@ -96,10 +96,10 @@ def main() -> None:
         model, _ = anybit.load(path)
         ids = (torch.arange(args.prompt_tokens)[None] * 7919) % (model.config.vocab_size - 1) + 1
         decs = []
-        for (lib, _), f, r16 in zip(sides, fuse, rows16):
-            if args.tile4:  # a model per side: each caches the layout of its kernel
+        for i, ((lib, _), f, r16) in enumerate(zip(sides, fuse, rows16)):
+            if args.tile4:  # a model per side: each caches the layout of its kernel (built with the decoder)
                 native.set_q8_rows16(r16)
-                model = anybit.load(path)[0]
+                model = anybit.load(path)[0] if i else model
             decs.append(decoder(model, args.prompt_tokens + args.tokens + 1, lib, f))
         native.set_q8_rows16(True)
         if any(d.fast is None for d in decs):

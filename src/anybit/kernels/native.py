@@ -496,20 +496,21 @@ def _prep_int_q8(module):
         # the kernel sums <= 3-bit PoT products in int16 over 3 chunks (LUT_MAX_3BIT)
         assert spec.bits > 3 or int(table.max()) <= 16
     szs = scales * zeros
-    if q8_block_rows(spec, module.in_features) == Q8_RL:
+    rows = q8_block_rows(spec, module.in_features)
+    if rows == Q8_RL:
         w, scales, szs = q8_layout_rows16(codes, spec.bits), q8_rows16_values(scales), q8_rows16_values(szs)
     else:
         w = q8_layout(codes, spec.bits, _q8_masks(spec, module.in_features))
-    return {"w": w, "scales": scales.contiguous(), "szs": szs.contiguous(), "bias": _bias(module), "table": table}
+    return {"w": w, "rows": rows, "scales": scales.contiguous(), "szs": szs.contiguous(), "bias": _bias(module),
+            "table": table}
 
 
-def _q8_args(spec, k: int, n: int, w: torch.Tensor, scales: torch.Tensor, szs: torch.Tensor,
-             bias: torch.Tensor | None) -> tuple:
+def _q8_args(spec, k: int, n: int, d: dict) -> tuple:
     """The int8 kernel's arguments after the activations and their row count, up to the bias
-    (``anybit_int_q8_gemm``'s order), for a layout of ``n`` rows."""
+    (``anybit_int_q8_gemm``'s order), for the layout ``d`` (_prep_int_q8's keys) of ``n`` rows."""
     g, ng = _group(spec, k)
-    return (k, _ptr(w), w.shape[1] // q8_block_rows(spec, k), n, spec.bits, g, ng, q8_block(spec, k), _ptr(scales),
-            _ptr(szs), _ptr(bias))
+    return (k, _ptr(d["w"]), d["w"].shape[1] // d["rows"], n, spec.bits, g, ng, q8_block(spec, k), _ptr(d["scales"]),
+            _ptr(d["szs"]), _ptr(d["bias"]))
 
 
 def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
@@ -518,7 +519,7 @@ def _int_q8(x: torch.Tensor, module) -> torch.Tensor:
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     threads = _threads(xf.shape[0] * n * k)
-    args = _q8_args(module.spec, k, n, d["w"], d["scales"], d["szs"], d["bias"])
+    args = _q8_args(module.spec, k, n, d)
     _lib.anybit_int_q8_gemm(_ptr(xf), xf.shape[0], *args, _ptr(y), threads, _ptr(d["table"]))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
@@ -835,7 +836,7 @@ class Q8Plan:
         self._keep = (w, scales, szs, bias, parts[0]["table"])
         keep = {t.untyped_storage().data_ptr() for t in self._keep if t is not None}
         drop_file_pages(t for m in modules for t in m.packed().values() if t.untyped_storage().data_ptr() not in keep)
-        self.args = _q8_args(spec, k, n, w, scales, szs, bias)
+        self.args = _q8_args(spec, k, n, {"w": w, "rows": parts[0]["rows"], "scales": scales, "szs": szs, "bias": bias})
         self.table = _ptr(parts[0]["table"])
         self.threads = self._pick_threads()
 
@@ -1120,7 +1121,7 @@ def fast_linear(x: torch.Tensor, module) -> FastLinear | None:
             return None
         d = _cached(module, _prep_int_q8)
         (n, k) = module.shape
-        args = _q8_args(module.spec, k, n, d["w"], d["scales"], d["szs"], d["bias"])
+        args = _q8_args(module.spec, k, n, d)
         st = _q8_struct(args, _ptr(d["table"]), 1)
     else:
         st = _module_struct(module)

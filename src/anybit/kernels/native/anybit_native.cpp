@@ -276,52 +276,39 @@ int anybit_has_q8(void) {
 static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N, int bits,
                     int64_t gsize, int64_t G, int64_t B, const float* scales, const float* szs, const float* bias,
                     float* y, int nthreads, const uint8_t* table, bool two) {
-#define Q8(NS, BITS, TWO)                                                                                            \
+// FN: gemm (the 4-row tiles) or gemm_rows16 (kernels_q8_rows16.inc), same arguments
+#define Q8(NS, FN, BITS, TWO)                                                                                        \
     case BITS:                                                                                                       \
         if (table)                                                                                                   \
-            NS::q8::gemm<BITS, true, TWO>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table); \
+            NS::q8::FN<BITS, true, TWO>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table);   \
         else                                                                                                         \
-            NS::q8::gemm<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table);  \
+            NS::q8::FN<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, table);    \
         break;
-#define Q8_BITS(NS)                                                                                             \
+#define Q8_BITS(NS, FN)                                                                                          \
+    switch (bits) {                                                                                              \
+        Q8(NS, FN, 2, false) Q8(NS, FN, 3, false) Q8(NS, FN, 4, false) Q8(NS, FN, 5, false) Q8(NS, FN, 6, false) \
+        Q8(NS, FN, 7, false) Q8(NS, FN, 8, false)                                                                \
+        default: break;                                                                                          \
+    }
+#define Q8_TWO(NS, FN)                                                                                          \
     switch (bits) {                                                                                             \
-        Q8(NS, 2, false) Q8(NS, 3, false) Q8(NS, 4, false) Q8(NS, 5, false) Q8(NS, 6, false) Q8(NS, 7, false)   \
-        Q8(NS, 8, false)                                                                                        \
+        Q8(NS, FN, 4, true)                                                                                     \
         default: break;                                                                                         \
     }
-#define Q8_TWO(NS)                                                                                              \
-    switch (bits) {                                                                                             \
-        Q8(NS, 4, true)                                                                                         \
-        default: break;                                                                                         \
-    }
-#define RL(NS, BITS, TWO)                                                                                         \
-    case BITS:                                                                                                    \
-        if (table)                                                                                                \
-            NS::q8::gemm_rows16<BITS, true, TWO>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, \
-                                                 table);                                                          \
-        else                                                                                                      \
-            NS::q8::gemm_rows16<BITS, false>(x, M, K, w, row_bytes, N, gsize, G, B, scales, szs, bias, y, nthreads, \
-                                             table);                                                              \
-        break;
-#define RL_BITS(NS)                                                                                             \
+// the 512-bit kernels: both tables in one pass where there are two
+#define Q8_512(FN)                                                                                              \
     if (two) {                                                                                                  \
-        switch (bits) { RL(NS, 4, true) default: break; }                                                       \
+        if (gfni) Q8_TWO(isa_vnni_gfni, FN) else Q8_TWO(isa_vnni, FN)                                           \
     } else {                                                                                                    \
-        switch (bits) {                                                                                         \
-            RL(NS, 2, false) RL(NS, 3, false) RL(NS, 4, false) RL(NS, 5, false) RL(NS, 6, false)                \
-            RL(NS, 7, false) RL(NS, 8, false)                                                                   \
-            default: break;                                                                                     \
-        }                                                                                                       \
+        if (gfni) Q8_BITS(isa_vnni_gfni, FN) else Q8_BITS(isa_vnni, FN)                                         \
     }
     const int kind = anybit_has_q8();
     const bool gfni = use_gfni();
-    if (kind == 4 && B % 64 == 0 && (!two || bits == 4)) {  // rows in the lanes (kernels_q8_rows16.inc)
-        if (gfni) RL_BITS(isa_vnni_gfni) else RL_BITS(isa_vnni)
-    } else if (kind == 2 && B % 64 == 0 && (!two || bits == 4)) {  // blocks of 32: the AVX2 layout's kernel (below)
-        if (two) {  // the 512-bit tile: both tables in one pass
-            if (gfni) Q8_TWO(isa_vnni_gfni) else Q8_TWO(isa_vnni)
+    if ((kind == 4 || kind == 2) && B % 64 == 0 && (!two || bits == 4)) {  // blocks of 32: the AVX2 layout's kernel (below)
+        if (kind == 4) {
+            Q8_512(gemm_rows16)  // rows in the lanes (kernels_q8_rows16.inc)
         } else {
-            if (gfni) Q8_BITS(isa_vnni_gfni) else Q8_BITS(isa_vnni)
+            Q8_512(gemm)  // the 4-row tile
         }
     } else if (two) {  // one pass per table, added: the zero-point terms (szs) and the bias with the first
         std::vector<float> y2(M * N), none(N * G, 0.0f);
@@ -332,7 +319,7 @@ static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int6
         // omp for schedule(static) over the same blocks, and OpenMP gives two such loops of a team
         // the same iterations per thread. Inside a decoding team y2 is each thread's own and holds
         // its rows only (every thread adding every row raced on the other thread's rows).
-        constexpr int64_t R = isa_q8avx2::q8::R;  // rows per block, every int8 kernel's
+        constexpr int64_t R = isa_q8avx2::q8::R;  // rows per block of every kernel this fallback runs
         const int64_t nblk = (N + R - 1) / R;
         run_team(nthreads, [&] {
 #pragma omp for schedule(static)
@@ -341,12 +328,11 @@ static void q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int6
                     for (int64_t n = R * t; n < std::min(N, R * t + R); ++n) y[m * N + n] += y2[m * N + n];
         });
     } else if (kind >= 2) {
-        if (gfni) Q8_BITS(isa_q8vnni256_gfni) else Q8_BITS(isa_q8vnni256)
+        if (gfni) Q8_BITS(isa_q8vnni256_gfni, gemm) else Q8_BITS(isa_q8vnni256, gemm)
     } else if (anybit_get_isa() >= 1) {
-        Q8_BITS(isa_q8avx2)
+        Q8_BITS(isa_q8avx2, gemm)
     }
-#undef RL_BITS
-#undef RL
+#undef Q8_512
 #undef Q8_TWO
 #undef Q8_BITS
 #undef Q8
