@@ -83,8 +83,8 @@ def _load():
             lib.anybit_set_decode_team.restype = c_int
             lib.anybit_set_decode_team.argtypes = [c_int]
         lib.anybit_int_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, i64, p, p, p, p, c_int, p]
-        lib.anybit_bitplane_q8_gemm.argtypes = [p, i64, i64, p, i64, i64, c_int, i64, i64, p, p, p, c_int, c_int, i64,
-                                                p, p, c_int]
+        lib.anybit_bitplane_q8_gemm.argtypes = [p, i64, i64, p, i64, c_int, i64, c_int, i64, i64, p, p, p, c_int, c_int,
+                                                i64, p, p, c_int]
         lib.anybit_rmsnorm.argtypes = [p, p, c_float, p, i64, i64]
         lib.anybit_attn_decode.argtypes = [p, p, p, p, p, i64, i64, p, p, i64, i64, i64, c_float, p, p, c_float, p, p]
         lib.anybit_silu_mul.argtypes = [p, i64, i64, p]
@@ -139,8 +139,8 @@ def q8_kernel() -> str | None:
 # Where AVX-512 VNNI is in use, which int8 kernel runs INT/PoT layers at load: True the AVX2
 # kernel with 256-bit vpdpbusd (kernels_q8.inc, Q8_VNNI), False the 512-bit tile (the default:
 # measured 2-20 % faster at batch 1 on AMD Zen 4, docs/kernels.md; ANYBIT_Q8_VNNI=256 picks
-# the other; set_q8_vnni256 changes it later). The bit-plane integer-dot kernel has only the
-# 256-bit form.
+# the other; set_q8_vnni256 changes it later). The bit-plane integer-dot kernel follows the
+# choice (the 256-bit kernel, or the rows-in-lanes one below).
 Q8_VNNI256_DEFAULT = os.environ.get("ANYBIT_Q8_VNNI", "512") == "256"
 
 # Where AVX-512 VNNI is in use (and not the 256-bit kernel), which 512-bit kernel and layout:
@@ -711,11 +711,13 @@ def _prep_bitplane(module):
             "wsum": padded.sum(-1).contiguous(), "bias": _bias(module)}
 
 
-# Bit-plane WxAy as integer dot products (kernels_q8.inc, bitplane_gemm, in the AVX2 layout):
-# where the instruction set in use is AVX2 (no VPOPCNTDQ: an AND+popcount per weight-plane x
-# activation-plane pair would be a scalar popcount), or AVX-512 with VNNI (256-bit vpdpbusd:
-# one instruction per 32 codes instead of wbits x abits popcounts), on the weight codes in the
-# int8 kernel's piece layout. Needs groups that are a multiple of 64, or per-channel weights.
+# Bit-plane WxAy as integer dot products: where AVX-512 VNNI is in use, the rows-in-lanes kernel
+# of the INT layers (kernels_q8_rows16.inc, bitplane_rows16: 512-bit vpdpbusd, 16 rows per
+# register), else on AVX2 (no VPOPCNTDQ: an AND+popcount per weight-plane x activation-plane
+# pair would be a scalar popcount) or with the 256-bit VNNI kernel (ANYBIT_Q8_VNNI=256 or
+# ANYBIT_Q8_ROWS16=0) the AVX2 piece layout (kernels_q8.inc, bitplane_gemm): one instruction
+# per 32 or 64 codes instead of wbits x abits popcounts. Needs groups that are a multiple of 64,
+# or per-channel weights (K < 65793: the int32 sums of a whole row stay exact).
 # The same integers as AND+popcount, so the same outputs up to float summation order.
 # ANYBIT_BITPLANE_DOTS=0 keeps the AND+popcount kernel everywhere.
 BITPLANE_DOTS = os.environ.get("ANYBIT_BITPLANE_DOTS", "1") != "0"
@@ -728,7 +730,7 @@ def bitplane_dots(module) -> bool:
     name = isa()
     here = name == "avx2" or name == "avx512" and has_vnni()
     return (BITPLANE_DOTS and here and 2 <= spec.bits <= 8 and act.bits <= 8
-            and (ng == 1 or g % 64 == 0))
+            and (ng == 1 and module.in_features <= 65792 or g % 64 == 0))
 
 
 @_own_copy
@@ -737,9 +739,16 @@ def _prep_bitplane_dots(module):
     n, k = module.shape
     g, ng = _group(spec, k)
     codes, scales, zeros = get_format("bitplane").unpack(module.packed(), spec, module.shape)
-    u = torch.nn.functional.pad(codes.to(torch.int64), (0, ng * g - k)).reshape(n, ng, g).sum(-1)
-    return {"w": q8_layout(codes.to(torch.uint8), spec.bits, masks=False), "sw": scales.contiguous(),  # AVX2 only
-            "aw": zeros.float().contiguous(), "U": u.float().contiguous(), "bias": _bias(module)}
+    u = torch.nn.functional.pad(codes.to(torch.int64), (0, ng * g - k)).reshape(n, ng, g).sum(-1).double()
+    sw, a = scales.double(), zeros.double()
+    if q8_kernel() == "rows16":  # per block [G][16]: sw, sw·a and sw·(U − cnt·a) (bitplane_rows16)
+        cnt = (torch.clamp(k - torch.arange(ng) * g, max=g)).double()
+        return {"w": q8_layout_rows16(codes.to(torch.uint8), spec.bits), "rows": Q8_RL,
+                "sw": q8_rows16_values(sw.float()), "aw": q8_rows16_values((sw * a).float()),
+                "U": q8_rows16_values((sw * (u - cnt * a)).float()), "bias": _bias(module)}
+    return {"w": q8_layout(codes.to(torch.uint8), spec.bits, masks=False), "rows": Q8_ROWS,  # the AVX2 layout
+            "sw": scales.contiguous(), "aw": zeros.float().contiguous(), "U": u.float().contiguous(),
+            "bias": _bias(module)}
 
 
 def _bitplane_dots_linear(x: torch.Tensor, module) -> torch.Tensor:
@@ -749,9 +758,9 @@ def _bitplane_dots_linear(x: torch.Tensor, module) -> torch.Tensor:
     d = _cached(module, _prep_bitplane_dots)
     xf = _flat(x, k)
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
-    _lib.anybit_bitplane_q8_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["w"]), d["w"].shape[1] // Q8_ROWS, n, spec.bits, g,
-                                 ng, _ptr(d["sw"]), _ptr(d["aw"]), _ptr(d["U"]), act.bits, int(not act.sym),
-                                 -1 if act.group_size == -1 else g, _ptr(d["bias"]), _ptr(y),
+    _lib.anybit_bitplane_q8_gemm(_ptr(xf), xf.shape[0], k, _ptr(d["w"]), d["w"].shape[1] // d["rows"], d["rows"], n,
+                                 spec.bits, g, ng, _ptr(d["sw"]), _ptr(d["aw"]), _ptr(d["U"]), act.bits,
+                                 int(not act.sym), -1 if act.group_size == -1 else g, _ptr(d["bias"]), _ptr(y),
                                  _threads(xf.shape[0] * n * k))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
@@ -973,9 +982,9 @@ def _module_struct(item) -> LinStruct | None:
     if spec.format == "bitplane" and bitplane_supported(item) and bitplane_dots(item):
         d = _cached(item, _prep_bitplane_dots)
         return LinStruct(kind=3, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["w"]),
-                         row_bytes=d["w"].shape[1] // Q8_ROWS, bits=spec.bits, gsize=g, G=ng, scales=_ptr(d["sw"]),
-                         szs=_ptr(d["aw"]), alpha=_ptr(d["U"]), abits=act.bits, asym=int(not act.sym),
-                         agroup=-1 if act.group_size == -1 else g)
+                         row_bytes=d["w"].shape[1] // d["rows"], B=d["rows"], bits=spec.bits, gsize=g, G=ng,
+                         scales=_ptr(d["sw"]), szs=_ptr(d["aw"]), alpha=_ptr(d["U"]), abits=act.bits,
+                         asym=int(not act.sym), agroup=-1 if act.group_size == -1 else g)
     if spec.format == "bitplane" and bitplane_supported(item):
         d = _cached(item, _prep_bitplane)
         return LinStruct(kind=2, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["wplanes"]), bits=spec.bits,

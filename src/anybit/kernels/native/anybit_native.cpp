@@ -347,27 +347,31 @@ void anybit_int_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, 
     q8_gemm(x, M, K, w, row_bytes, N, bits, gsize, G, B, scales, szs, bias, y, nthreads, table, two);
 }
 
-// Bit-plane WxAy as integer dot products over unsigned weight codes in the piece layout
-// (kernels_q8.inc, bitplane_gemm, in its AVX2 layout); AVX2 or better (the instruction set in
-// use must be >= 1), with 256-bit vpdpbusd where AVX-512 VNNI is in use.
-// aw: the zero point of u per (row, group); U: Σ u per (row, group).
-void anybit_bitplane_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N,
-                             int bits, int64_t gsize, int64_t G, const float* sw, const float* aw, const float* U,
-                             int abits, int asym, int64_t agroup, const float* bias, float* y, int nthreads) {
-    if (anybit_get_isa() < 1) return;
-#define BP(NS, BITS) \
-    case BITS: NS::q8::bitplane_gemm<BITS>(x, M, K, w, row_bytes, N, gsize, G, sw, aw, U, abits, asym, agroup, bias, y, nthreads); break;
-#define BP_BITS(NS)                                                                                             \
+// Bit-plane WxAy as integer dot products over unsigned weight codes. rows = 4: the piece layout
+// of kernels_q8.inc (bitplane_gemm, its AVX2 layout; AVX2 or better, with 256-bit vpdpbusd where
+// AVX-512 VNNI is in use); aw: the zero point of u per (row, group), U: Σ u per (row, group).
+// rows = 16 (where AVX-512 VNNI is in use): the rows-in-lanes layout (bitplane_rows16 of
+// kernels_q8_rows16.inc), with sw, aw and U holding its per-block values scales, szs and wz.
+void anybit_bitplane_q8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int rows,
+                             int64_t N, int bits, int64_t gsize, int64_t G, const float* sw, const float* aw,
+                             const float* U, int abits, int asym, int64_t agroup, const float* bias, float* y,
+                             int nthreads) {
+    if (anybit_get_isa() < 1 || (rows == 16 && !use_vnni())) return;
+#define BP(NS, FN, BITS) \
+    case BITS: NS::q8::FN<BITS>(x, M, K, w, row_bytes, N, gsize, G, sw, aw, U, abits, asym, agroup, bias, y, nthreads); break;
+#define BP_BITS(NS, FN)                                                                                         \
     switch (bits) {                                                                                             \
-        BP(NS, 2) BP(NS, 3) BP(NS, 4) BP(NS, 5) BP(NS, 6) BP(NS, 7) BP(NS, 8)                                   \
+        BP(NS, FN, 2) BP(NS, FN, 3) BP(NS, FN, 4) BP(NS, FN, 5) BP(NS, FN, 6) BP(NS, FN, 7) BP(NS, FN, 8)       \
         default: break;                                                                                         \
     }
-    if (use_gfni()) {  // the 256-bit VNNI kernel whichever INT kernel is chosen (its layout is the AVX2 one)
-        BP_BITS(isa_q8vnni256_gfni)
+    if (rows == 16) {
+        if (use_gfni()) BP_BITS(isa_vnni_gfni, bitplane_rows16) else BP_BITS(isa_vnni, bitplane_rows16)
+    } else if (use_gfni()) {  // the 256-bit VNNI kernel in the AVX2 layout
+        BP_BITS(isa_q8vnni256_gfni, bitplane_gemm)
     } else if (use_vnni()) {
-        BP_BITS(isa_q8vnni256)
+        BP_BITS(isa_q8vnni256, bitplane_gemm)
     } else {
-        BP_BITS(isa_q8avx2)
+        BP_BITS(isa_q8avx2, bitplane_gemm)
     }
 #undef BP_BITS
 #undef BP
@@ -490,7 +494,7 @@ static inline void lin_rows(const AnybitLin& p, const float* x, int64_t M, float
             DISPATCH_DEC(f32_gemm(x, M, p.K, reinterpret_cast<const float*>(p.w), p.N, p.bias, y, threads))
             break;
         case 3:
-            anybit_bitplane_q8_gemm(x, M, p.K, p.w, p.row_bytes, p.N, (int)p.bits, p.gsize, p.G, p.scales, p.szs,
+            anybit_bitplane_q8_gemm(x, M, p.K, p.w, p.row_bytes, (int)p.B, p.N, (int)p.bits, p.gsize, p.G, p.scales, p.szs,
                                     p.alpha, (int)p.abits, (int)p.asym, p.agroup, p.bias, y, threads);
             break;
         default:
