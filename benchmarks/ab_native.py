@@ -10,8 +10,10 @@ alternating rounds on identical inputs, after checking that they give the same o
         --threads 1 --rows 1 --rounds 9
 
 Each case is ``format:bits:out:in[:group]`` (group 128 by default); bit-plane cases name weight
-and activation bits as ``bitplane:6a6:4096:4096``, quantized as `anybit bench kernels` does. Prints the median ms of
-each build and their ratio (this build over the other); nothing else may run meanwhile.
+and activation bits as ``bitplane:6a6:4096:4096``, quantized as `anybit bench kernels` does;
+``f32:32:out:in`` is a float32 ``nn.Linear`` on the decoding step's float GEMV (LinStruct kind 4,
+``--threads`` threads). Prints the median ms of each build and their ratio (this build over the
+other); nothing else may run meanwhile.
 """
 from __future__ import annotations
 
@@ -55,6 +57,23 @@ def load_other(path: str):
     if other is None:
         sys.exit(f"error: could not load {path}: {native._load_error}")
     return own, other
+
+
+def f32_call(lin: torch.nn.Linear, threads: int):
+    """``x -> y`` through the float32 GEMV kind of the decoding step (whichever library
+    ``native._lib`` is at the call), on ``threads`` threads."""
+    import ctypes
+
+    st = native._f32_struct(lin)
+    st.threads = threads
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], lin.out_features)
+        native._lib.anybit_lin_rows(ctypes.byref(st), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+        return y
+
+    call.keep = lin  # the struct points into its weight
+    return call
 
 
 def main() -> None:
@@ -103,16 +122,22 @@ def main() -> None:
             act = ActSpec(a, group if agroup == "w" else -1, asym)
         else:
             spec, act = FormatSpec(fmt, int(bits), group, False), None
-        fit = {"fit": "greedy"} if fmt.startswith("bcq") else {}  # the kernel, not the fit, is timed
-        mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec, act=act, **fit)
-                for _ in range(args.copies)]
-        # tile4: the two kernels have different layouts, each module caches one: a copy for each
-        modsets = {"this": mods, "other": copy.deepcopy(mods) if args.other == "tile4" else mods}
         x = torch.randn(args.rows, int(k))
+        if fmt == "f32":  # the float GEMV of the decoding step, through its prepared struct
+            mods = [f32_call(torch.nn.Linear(int(k), int(n), bias=False), args.threads) for _ in range(args.copies)]
+            modsets = {"this": mods, "other": mods}
+            run = lambda x, m: m(x)  # noqa: E731
+        else:
+            fit = {"fit": "greedy"} if fmt.startswith("bcq") else {}  # the kernel, not the fit, is timed
+            mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec, act=act, **fit)
+                    for _ in range(args.copies)]
+            # tile4: the two kernels have different layouts, each module caches one: a copy for each
+            modsets = {"this": mods, "other": copy.deepcopy(mods) if args.other == "tile4" else mods}
+            run = K.linear
         outs = {}
         for name, use in builds.items():
             use()
-            outs[name] = K.linear(x, modsets[name][0])
+            outs[name] = run(x, modsets[name][0])
         same = torch.equal(outs["this"], outs["other"])
         rel = float((outs["this"] - outs["other"]).abs().max() / outs["other"].abs().max().clamp_min(1e-30))
         reps = max(50, 8 * args.copies)
@@ -122,10 +147,10 @@ def main() -> None:
                 use()
                 ms = modsets[name]
                 for m in ms:
-                    K.linear(x, m)
+                    run(x, m)
                 t0 = time.perf_counter()
                 for i in range(reps):
-                    K.linear(x, ms[i % args.copies])
+                    run(x, ms[i % args.copies])
                 times[name].append((time.perf_counter() - t0) / reps * 1e3)
         med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
         print(f"{case} rows {args.rows} threads {args.threads}: other {med['other']:.3f} ms, this "

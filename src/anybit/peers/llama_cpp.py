@@ -26,8 +26,9 @@ GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q
 # block length of each type (a row must be a multiple of it)
 BLOCK = {"F32": 1, "F16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q2_K": 256, "Q3_K": 256,
          "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-# the ggml types nearest each anybit weight format (for `bench kernels --against llama.cpp`)
-NEAREST = ("F32", "Q8_0", "Q4_0", "Q4_K", "Q3_K", "Q2_K")
+# the ggml types nearest each anybit weight format (for `bench kernels --against llama.cpp`;
+# Q6_K: INT6 and the 6-bit bit-plane formats, W6A6 / W6A8)
+NEAREST = ("F32", "Q8_0", "Q6_K", "Q4_0", "Q4_K", "Q3_K", "Q2_K")
 
 
 class _InitParams(ctypes.Structure):
