@@ -4,6 +4,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+// GCC 12 warns of uninitialized values inside its own AVX-512 headers (the _mm512_undefined_*
+// placeholders of intrinsics such as _mm512_broadcast_i32x4; GCC bug 105593): ~1000 false
+// warnings per build that would hide a real one. Other compilers keep the warnings.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #include <omp.h>
 
