@@ -1,8 +1,9 @@
 """A/B of the native decoding step in one process: the whole stack on one thread team per
 token (the default) against one team per linear (``anybit_set_decode_team(0)``), or, with
 ``--other SO``, this build against another build of the native library (both on one team),
-or, with ``--bcq-fuse``, BCQ decoding with Q/K/V and gate/up as one LUT-GEMM call each
-(``native.BCQ_FUSE``, B; prefill too) against one call per linear (A), or, with ``--tile4``, the
+or, with ``--fuse`` (or ``--bcq-fuse``), BCQ and bit-plane decoding with Q/K/V and gate/up as one
+call each (``native.BCQ_FUSE``, ``native.BITPLANE_FUSE``, B; prefill too) against one call per
+linear (A), or, with ``--tile4``, the
 rows-in-lanes int8 kernel (B) against the 4-row 512-bit tile (``native.set_q8_rows16``, A; each
 side its own copy of the model, as the layouts differ).
 
@@ -12,7 +13,7 @@ per round, the median ratio (B / A), and whether both sides produce the same log
 
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int3g128 /tmp/anybit-e2e/w6a6 --rounds 6
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int3g128 --other /tmp/base_native.so
-    python benchmarks/decode_team_ab.py /tmp/anybit-e2e/bcq3g128 --bcq-fuse
+    python benchmarks/decode_team_ab.py /tmp/anybit-e2e/bcq3g128 /tmp/anybit-e2e/w6a6 --fuse
     python benchmarks/decode_team_ab.py /tmp/anybit-e2e/int4g128 --tile4
 
 Nothing else may run meanwhile (two cores).
@@ -52,13 +53,14 @@ def run(dec: StaticDecoder, ids: torch.Tensor, tokens: int, team: int, rows16: b
 
 
 def decoder(model, max_len: int, lib, fuse: bool = True) -> StaticDecoder:
-    """A lean decoder whose native step calls ``lib`` (``fuse``: BCQ Q/K/V and gate/up fused)."""
-    own, own_fuse = native._lib, native.BCQ_FUSE
-    native._lib, native.BCQ_FUSE = lib, fuse
+    """A lean decoder whose native step calls ``lib`` (``fuse``: BCQ and bit-plane Q/K/V and
+    gate/up fused)."""
+    own = native._lib, native.BCQ_FUSE, native.BITPLANE_FUSE
+    native._lib, native.BCQ_FUSE, native.BITPLANE_FUSE = lib, fuse, fuse
     try:
         return StaticDecoder(model, max_len)
     finally:
-        native._lib, native.BCQ_FUSE = own, own_fuse
+        native._lib, native.BCQ_FUSE, native.BITPLANE_FUSE = own
 
 
 def main() -> None:
@@ -69,8 +71,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--other", help="another build's _native*.so: compare it (A) with this build (B)")
-    ap.add_argument("--bcq-fuse", action="store_true",
-                    help="BCQ Q/K/V and gate/up fused (B) against one call per linear (A)")
+    ap.add_argument("--fuse", "--bcq-fuse", dest="fuse", action="store_true",
+                    help="BCQ and bit-plane Q/K/V and gate/up fused (B) against one call per linear (A)")
     ap.add_argument("--tile4", action="store_true",
                     help="the rows-in-lanes int8 kernel (B) against the 4-row 512-bit tile (A)")
     args = ap.parse_args()
@@ -86,8 +88,8 @@ def main() -> None:
     elif args.other:
         own, other = load_other(args.other)
         sides, names = ((other, 1), (own, 1)), ("other build", "this build")
-    elif args.bcq_fuse:
-        sides, names, fuse = ((own, 1), (own, 1)), ("a call per linear", "BCQ fused"), (False, True)
+    elif args.fuse:
+        sides, names, fuse = ((own, 1), (own, 1)), ("a call per linear", "fused"), (False, True)
     else:
         sides, names = ((own, 0), (own, 1)), ("team per linear", "one team per token")
     print(f"| model | tok/s, {names[0]} (A) | tok/s, {names[1]} (B) | median ratio B / A | same logits |")

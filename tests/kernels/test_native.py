@@ -296,6 +296,15 @@ def test_bad_isa_setting_warns_once_and_falls_back():
     assert p.stdout.strip() == "1 ['auto', 'reference']", p.stdout
 
 
+def assert_plan_equals_parts(plan, mods: list, k: int) -> None:
+    """A fused plan's output on 1 and 5 rows is its parts' outputs side by side, bit for bit."""
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        with kernels.use("native"):
+            parts = torch.cat([q(x) for q in mods], 1)
+        assert torch.equal(plan(x), parts)
+
+
 @pytest.mark.parametrize("fmt,bits", [("int", 3), ("int", 8), ("pot", 4)])
 def test_fused_int8_plan_equals_its_parts(isa, fmt, bits):
     """Q/K/V-style plans (one int8 kernel call over several linears' rows) give each part's own
@@ -307,13 +316,30 @@ def test_fused_int8_plan_equals_its_parts(isa, fmt, bits):
     mods = [QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, 64)) for n in (48, 16, 32)]
     plan = native.q8_plan(mods)
     assert plan is not None
-    for m in (1, 5):
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-        with kernels.use("native"):
-            parts = torch.cat([q(x) for q in mods], 1)
-        assert torch.equal(plan(x), parts)
+    assert_plan_equals_parts(plan, mods, k)
     ragged = [QuantLinear.from_linear(linear(n, k), FormatSpec(fmt, bits, 64)) for n in (20, 8)]
     assert (native.q8_plan(ragged) is None) == (native.q8_kernel() == "rows16")
+
+
+@pytest.mark.parametrize("wbits,abits,act_group", [(6, 6, "w"), (4, 8, -1), (2, 8, -1)])
+def test_fused_bitplane_plan_equals_its_parts(isa, wbits, abits, act_group):
+    """Q/K/V-style plans of bit-plane linears (one integer-dot call, the activations quantized
+    once) give each part's own output bit for bit, in each kernel's layout; parts that do not
+    fill whole blocks of rows, or that differ in their activation spec, get no plan."""
+    if isa == "scalar" or (isa.startswith("avx512") and not native.has_vnni()):
+        pytest.skip("the integer-dot bit-plane kernels need AVX2 or AVX-512 VNNI")
+    k, group = 200, 64
+    act = ActSpec(abits, group if act_group == "w" else -1, act_group == "w")
+    spec = FormatSpec("bitplane", wbits, group, act_group == "w")
+    mods = [QuantLinear.from_linear(linear(n, k), spec, act=act) for n in (48, 16, 32)]
+    plan = native.bitplane_plan(mods)
+    assert plan is not None
+    assert_plan_equals_parts(plan, mods, k)
+    ragged = [QuantLinear.from_linear(linear(n, k), spec, act=act) for n in (20, 8)]
+    assert (native.bitplane_plan(ragged) is None) == (native.q8_kernel() == "rows16")
+    other_act = ActSpec(8, -1, False) if abits != 8 else ActSpec(6, -1, True)
+    other = QuantLinear.from_linear(linear(16, k), spec, act=other_act)
+    assert native.bitplane_plan([mods[0], other]) is None
 
 
 def test_one_module_serves_decode_and_prefill_layouts():

@@ -933,12 +933,12 @@ def _q8_struct(args: tuple, table: int | None, threads: int) -> LinStruct:
 
 
 def lin_struct(item) -> LinStruct | None:
-    """The native decoding step's view of a :class:`Q8Plan` or :class:`BCQPlan`, or of one BCQ / bit-plane
-    QuantLinear whose batch-1 kernel applies (None: it needs the PyTorch path). The
-    module's kernel layout is cached on it; the struct only points into it."""
+    """The native decoding step's view of a :class:`Q8Plan`, :class:`BCQPlan` or :class:`BitplanePlan`,
+    or of one BCQ / bit-plane QuantLinear whose batch-1 kernel applies (None: it needs the PyTorch
+    path). The module's kernel layout is cached on it; the struct only points into it."""
     from ..nn.qlinear import QuantLinear
 
-    if isinstance(item, BCQPlan):
+    if isinstance(item, (BCQPlan, BitplanePlan)):
         return item.struct
     if isinstance(item, Q8Plan):
         return _q8_struct(item.args, item.table, item.threads)
@@ -1043,6 +1043,63 @@ def bcq_plan(modules: list) -> BCQPlan | None:
                and m.in_features == first.in_features and m.out_features % 16 == 0 for m in modules):
         return None
     return BCQPlan(modules)
+
+
+class BitplanePlan:
+    """One bit-plane integer-dot call for several bit-plane linears that read the same input
+    (Q/K/V, gate/up of ABQ-LLM's and FlexQ's WxAy models): their layouts concatenated along N,
+    so that a token quantizes its activations once per input instead of once per linear and the
+    thread team passes one barrier instead of three. Frozen at construction, as :class:`Q8Plan`."""
+
+    def __init__(self, modules: list):
+        spec, act, k = modules[0].spec, modules[0].act, modules[0].in_features
+        parts = [_prep_bitplane_dots(m) for m in modules]
+        self.sizes = [m.out_features for m in modules]
+        self.k, self.n = k, sum(self.sizes)
+        w, sw, aw, u = (torch.cat([p[key] for p in parts], 0).contiguous() for key in ("w", "sw", "aw", "U"))
+        bias = _fused_bias(parts, self.sizes)
+        self._keep = (w, sw, aw, u, bias)
+        keep = {t.untyped_storage().data_ptr() for t in self._keep if t is not None}
+        drop_file_pages(t for m in modules for t in m.packed().values() if t.untyped_storage().data_ptr() not in keep)
+        g, ng = _group(spec, k)
+        rows = parts[0]["rows"]
+        self.struct = LinStruct(kind=3, K=k, N=self.n, threads=_threads(self.n * k), bias=_ptr(bias), w=_ptr(w),
+                                row_bytes=w.shape[1] // rows, B=rows, bits=spec.bits, gsize=g, G=ng, scales=_ptr(sw),
+                                szs=_ptr(aw), alpha=_ptr(u), abits=act.bits, asym=int(not act.sym),
+                                agroup=-1 if act.group_size == -1 else g)
+        self.struct.threads = _struct_threads(self.struct)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` float32 ``[rows, K]`` contiguous (rows <= q8_rows()) -> ``[rows, N]``."""
+        st, m = self.struct, x.shape[0]
+        y = torch.empty(m, self.n, dtype=torch.float32) if out is None else out
+        threads = st.threads if m == 1 else _threads(m * self.n * self.k)
+        _lib.anybit_lin_rows(ctypes.byref(st), x.data_ptr(), m, y.data_ptr(), threads)
+        return y
+
+
+# False: bit-plane linears of one input stay separate calls (for comparisons)
+BITPLANE_FUSE = True
+
+
+def bitplane_plan(modules: list) -> BitplanePlan | None:
+    """A :class:`BitplanePlan` for two or more bit-plane linears on the integer-dot kernel with the
+    same weight and activation specs and input, whose row counts fill whole blocks of the
+    kernel's layout (16 or 4 rows: no padding rows between them), else None."""
+    from ..nn.qlinear import QuantLinear
+
+    if (not BITPLANE_FUSE or _load() is None or len(modules) < 2
+            or not all(isinstance(m, QuantLinear) for m in modules)):
+        return None
+    first = modules[0]
+    if not all(m.spec == first.spec and m.act == first.act and m.spec.format == "bitplane"
+               and m.in_features == first.in_features and bitplane_supported(m) and bitplane_dots(m)
+               for m in modules):
+        return None
+    rows = Q8_RL if q8_kernel() == "rows16" else Q8_ROWS
+    if any(m.out_features % rows for m in modules):
+        return None
+    return BitplanePlan(modules)
 
 
 def q8_plan(modules: list) -> Q8Plan | None:

@@ -78,7 +78,7 @@ class _Layer(NamedTuple):
 def _plan(modules):
     if kernels.current() not in ("auto", "native"):
         return None
-    return native.q8_plan(list(modules)) or native.bcq_plan(list(modules))
+    return native.q8_plan(list(modules)) or native.bcq_plan(list(modules)) or native.bitplane_plan(list(modules))
 
 
 class StaticDecoder:
