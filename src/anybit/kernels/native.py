@@ -256,9 +256,15 @@ def _cached(module, build):
         if build in _OWN_COPY:
             # the kernel reads its own copy: the checkpoint's pages of the packed tensors need
             # not stay resident next to it (peak RSS ~ one copy of the weights, not two)
-            keep = {t.untyped_storage().data_ptr() for t in built.values() if isinstance(t, torch.Tensor)}
-            drop_file_pages(t for t in module.packed().values() if t.untyped_storage().data_ptr() not in keep)
+            _drop_unkept_pages([module], built.values())
     return layouts[build]
+
+
+def _drop_unkept_pages(modules: list, kept) -> None:
+    """Drop the file pages of ``modules``' packed tensors except those whose storage one of the
+    ``kept`` objects (the layout a kernel reads; non-tensors ignored) shares: the kernel reads its own copy."""
+    keep = {t.untyped_storage().data_ptr() for t in kept if isinstance(t, torch.Tensor)}
+    drop_file_pages(t for m in modules for t in m.packed().values() if t.untyped_storage().data_ptr() not in keep)
 
 
 def _own_copy(build):
@@ -733,6 +739,12 @@ def bitplane_dots(module) -> bool:
             and (ng == 1 and module.in_features <= 65792 or g % 64 == 0))
 
 
+def bitplane_block_rows() -> int:
+    """Rows per block of the bit-plane integer-dot kernel's layout here: 16 for the rows-in-lanes
+    kernel (bitplane_rows16), else 4 (the AVX2 piece layout of bitplane_gemm)."""
+    return Q8_RL if q8_kernel() == "rows16" else Q8_ROWS
+
+
 @_own_copy
 def _prep_bitplane_dots(module):
     spec = module.spec
@@ -741,7 +753,7 @@ def _prep_bitplane_dots(module):
     codes, scales, zeros = get_format("bitplane").unpack(module.packed(), spec, module.shape)
     u = torch.nn.functional.pad(codes.to(torch.int64), (0, ng * g - k)).reshape(n, ng, g).sum(-1).double()
     sw, a = scales.double(), zeros.double()
-    if q8_kernel() == "rows16":  # per block [G][16]: sw, sw·a and sw·(U − cnt·a) (bitplane_rows16)
+    if bitplane_block_rows() == Q8_RL:  # per block [G][16]: sw, sw·a and sw·(U − cnt·a) (bitplane_rows16)
         cnt = (torch.clamp(k - torch.arange(ng) * g, max=g)).double()
         return {"w": q8_layout_rows16(codes.to(torch.uint8), spec.bits), "rows": Q8_RL,
                 "sw": q8_rows16_values(sw.float()), "aw": q8_rows16_values((sw * a).float()),
@@ -843,8 +855,7 @@ class Q8Plan:
         szs = torch.cat([p["szs"] for p in parts], 0).contiguous()
         bias = _fused_bias(parts, self.sizes)
         self._keep = (w, scales, szs, bias, parts[0]["table"])
-        keep = {t.untyped_storage().data_ptr() for t in self._keep if t is not None}
-        drop_file_pages(t for m in modules for t in m.packed().values() if t.untyped_storage().data_ptr() not in keep)
+        _drop_unkept_pages(modules, self._keep)
         self.args = _q8_args(spec, k, n, {"w": w, "rows": parts[0]["rows"], "scales": scales, "szs": szs, "bias": bias})
         self.table = _ptr(parts[0]["table"])
         self.threads = self._pick_threads()
@@ -970,6 +981,16 @@ def _f32_struct(lin: torch.nn.Linear) -> LinStruct | None:
     return st
 
 
+def _bitplane_struct(spec, act, k: int, n: int, d: dict, threads: int) -> LinStruct:
+    """Kind 3: the bit-plane integer-dot kernel on the layout ``d`` (_prep_bitplane_dots's keys)
+    of ``n`` rows (one module's, or a :class:`BitplanePlan`'s parts concatenated)."""
+    g, ng = _group(spec, k)
+    return LinStruct(kind=3, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["w"]),
+                     row_bytes=d["w"].shape[1] // d["rows"], B=d["rows"], bits=spec.bits, gsize=g, G=ng,
+                     scales=_ptr(d["sw"]), szs=_ptr(d["aw"]), alpha=_ptr(d["U"]), abits=act.bits,
+                     asym=int(not act.sym), agroup=-1 if act.group_size == -1 else g)
+
+
 def _module_struct(item) -> LinStruct | None:
     spec, act = item.spec, item.act
     n, k = item.shape
@@ -980,11 +1001,7 @@ def _module_struct(item) -> LinStruct | None:
         return LinStruct(kind=1, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["planes"]), bits=spec.bits,
                          gsize=g, G=ng, Npad=d["npad"], alpha=_ptr(d["alpha"]), offset=_ptr(d["offset"]))
     if spec.format == "bitplane" and bitplane_supported(item) and bitplane_dots(item):
-        d = _cached(item, _prep_bitplane_dots)
-        return LinStruct(kind=3, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["w"]),
-                         row_bytes=d["w"].shape[1] // d["rows"], B=d["rows"], bits=spec.bits, gsize=g, G=ng,
-                         scales=_ptr(d["sw"]), szs=_ptr(d["aw"]), alpha=_ptr(d["U"]), abits=act.bits,
-                         asym=int(not act.sym), agroup=-1 if act.group_size == -1 else g)
+        return _bitplane_struct(spec, act, k, n, _cached(item, _prep_bitplane_dots), threads)
     if spec.format == "bitplane" and bitplane_supported(item):
         d = _cached(item, _prep_bitplane)
         return LinStruct(kind=2, K=k, N=n, threads=threads, bias=_ptr(d["bias"]), w=_ptr(d["wplanes"]), bits=spec.bits,
@@ -1056,17 +1073,11 @@ class BitplanePlan:
         parts = [_prep_bitplane_dots(m) for m in modules]
         self.sizes = [m.out_features for m in modules]
         self.k, self.n = k, sum(self.sizes)
-        w, sw, aw, u = (torch.cat([p[key] for p in parts], 0).contiguous() for key in ("w", "sw", "aw", "U"))
-        bias = _fused_bias(parts, self.sizes)
-        self._keep = (w, sw, aw, u, bias)
-        keep = {t.untyped_storage().data_ptr() for t in self._keep if t is not None}
-        drop_file_pages(t for m in modules for t in m.packed().values() if t.untyped_storage().data_ptr() not in keep)
-        g, ng = _group(spec, k)
-        rows = parts[0]["rows"]
-        self.struct = LinStruct(kind=3, K=k, N=self.n, threads=_threads(self.n * k), bias=_ptr(bias), w=_ptr(w),
-                                row_bytes=w.shape[1] // rows, B=rows, bits=spec.bits, gsize=g, G=ng, scales=_ptr(sw),
-                                szs=_ptr(aw), alpha=_ptr(u), abits=act.bits, asym=int(not act.sym),
-                                agroup=-1 if act.group_size == -1 else g)
+        d = {key: torch.cat([p[key] for p in parts], 0).contiguous() for key in ("w", "sw", "aw", "U")}
+        d["rows"], d["bias"] = parts[0]["rows"], _fused_bias(parts, self.sizes)
+        self._keep = d
+        _drop_unkept_pages(modules, d.values())
+        self.struct = _bitplane_struct(spec, act, k, self.n, d, _threads(self.n * k))
         self.struct.threads = _struct_threads(self.struct)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -1096,7 +1107,7 @@ def bitplane_plan(modules: list) -> BitplanePlan | None:
                and m.in_features == first.in_features and bitplane_supported(m) and bitplane_dots(m)
                for m in modules):
         return None
-    rows = Q8_RL if q8_kernel() == "rows16" else Q8_ROWS
+    rows = bitplane_block_rows()
     if any(m.out_features % rows for m in modules):
         return None
     return BitplanePlan(modules)
