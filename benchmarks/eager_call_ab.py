@@ -6,7 +6,9 @@ every call runs the full dispatch (backend choice, predicates, the layout cache'
 reshapes, ~16 ctypes arguments); with it, a few checks and one call with the layout's struct.
 Both are timed in one process, in alternating rounds, on the same cold rotation of distinct
 matrices (``bench kernels``' protocol: >= 4x the last-level cache), after checking that they give
-the same outputs. Nothing else may run meanwhile.
+the same outputs. A third column, "bare", calls the prepared call's C entry point directly
+(``anybit_lin_rows`` on its struct, no Python in between): prepared − bare is what the Python
+side of an eager call costs. Nothing else may run meanwhile.
 
     python benchmarks/eager_call_ab.py --shapes 576x576,576x1536,1536x576,4096x4096 --batches 1,16
 """
@@ -48,9 +50,9 @@ def main() -> None:
         raise SystemExit("error: the native kernels are not built; run `python setup.py build_ext --inplace`")
     gen = torch.Generator().manual_seed(0)
     print(f"torch threads {torch.get_num_threads()}, ISA {native.isa()}; ms per call, median of "
-          f"{args.rounds} alternating rounds; full: the full dispatch, prepared: FastLinear")
-    print("| format | shape | batch | full (ms) | prepared (ms) | prepared / full | same outputs |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.rounds} alternating rounds; full: the full dispatch, prepared: FastLinear, bare: its C call")
+    print("| format | shape | batch | full (ms) | prepared (ms) | bare (ms) | prepared / full | same outputs |")
+    print("|---|---|---|---|---|---|---|---|")
     limits = (native.MAX_ROWS, native.MAX_ROWS_BITPLANE)
     for name in args.formats.split(","):
         fmt, bits, abits, sym, agroup, asym = case_of(name)
@@ -63,23 +65,34 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 native.MAX_ROWS = native.MAX_ROWS_BITPLANE = max(batch, limits[0])  # the kernels, not BLAS
                 x = torch.randn(batch, k, generator=gen)
-                times: dict[bool, list[float]] = {False: [], True: []}
+                times: dict[str, list[float]] = {"full": [], "prepared": [], "bare": []}
                 outs = {}
+                reps = max(20, 4 * len(mods))
+                y = torch.empty(batch, n)
                 with kernels.use("native"):
                     for _ in range(args.rounds):
-                        for on in (False, True):
-                            native.FAST_LINEAR = on
+                        for side in times:
+                            native.FAST_LINEAR = side != "full"
                             for m in mods:  # warm-up: (re)builds the prepared calls outside the timing
                                 m(x)
-                            outs[on] = first(x)
-                            reps = max(20, 4 * len(mods))
-                            t0 = time.perf_counter()
-                            for i in range(reps):
-                                mods[i % len(mods)](x)
-                            times[on].append((time.perf_counter() - t0) / reps * 1e3)
+                            outs[side != "full"] = first(x)
+                            if side == "bare":  # the prepared calls' structs, as FastLinear passes them
+                                calls = [m.__dict__["_anybit_fast"][1] for m in mods]
+                                args_of = [(c.addr, x.data_ptr(), batch, y.data_ptr(),
+                                            c.st.threads if batch == 1 else native._threads(batch * n * k))
+                                           for c in calls]
+                                lin_rows = native._lib.anybit_lin_rows
+                                t0 = time.perf_counter()
+                                for i in range(reps):
+                                    lin_rows(*args_of[i % len(mods)])
+                            else:
+                                t0 = time.perf_counter()
+                                for i in range(reps):
+                                    mods[i % len(mods)](x)
+                            times[side].append((time.perf_counter() - t0) / reps * 1e3)
                 native.FAST_LINEAR = True
-                full, fast = statistics.median(times[False]), statistics.median(times[True])
-                print(f"| {name} | {n}x{k} | {batch} | {full:.3f} | {fast:.3f} | {fast / full:.3f} | "
+                full, fast, bare = (statistics.median(times[s]) for s in ("full", "prepared", "bare"))
+                print(f"| {name} | {n}x{k} | {batch} | {full:.3f} | {fast:.3f} | {bare:.3f} | {fast / full:.3f} | "
                       f"{'yes' if torch.equal(outs[False], outs[True]) else 'NO'} |", flush=True)
             del mods, first
     native.MAX_ROWS, native.MAX_ROWS_BITPLANE = limits
