@@ -5,8 +5,9 @@
 # weights (the F16 GGUF the script writes) re-quantized to the nearest types, all from
 # `anybit bench e2e --against llama.cpp`. At this width the weights, not the per-token overhead,
 # set a token's cost. Models as benchmarks/e2e_smollm2.sh (RTN; INT8 heads), written with
-# --stream; PoT W3 with PoTPTQ's absmax scales (--steps none: its data-free scale search took
-# ~12 minutes per layer at this width, and the codes' origin does not change the speed).
+# --stream; BCQ W3 by the greedy binary-coding fit (GPTQT's format without its GPTQ pass), PoT W3
+# with PoTPTQ's absmax scales (--steps none: its data-free scale search took ~12 minutes per layer
+# at this width); where the codes come from does not change the speed.
 #
 #   bash benchmarks/e2e_synthetic.sh [OUT_JSONL] [MODEL ...]   (the [bench] extra; nothing else running)
 set -euo pipefail
@@ -22,11 +23,12 @@ declare -A CMD=(
   [syn-w3]="--method rtn --wbits 3 --group-size 128"
   [syn-w2]="--method rtn --wbits 2 --group-size 64"
   [syn-pot3]="--method potptq --wbits 3 --group-size 128 --steps none"
+  [syn-bcq3]="--method bcq --bcq-fit greedy --wbits 3 --group-size 128"
   [syn-w6a6]="--method rtn --wbits 6 --abits 6 --group-size -1"
   [syn-w4a8]="--method rtn --wbits 4 --abits 8 --group-size -1"
 )
 MODELS=("$@")
-[ ${#MODELS[@]} -gt 0 ] || MODELS=(syn-w4 syn-w3 syn-w2 syn-pot3 syn-w6a6 syn-w4a8)
+[ ${#MODELS[@]} -gt 0 ] || MODELS=(syn-w4 syn-w3 syn-w2 syn-pot3 syn-bcq3 syn-w6a6 syn-w4a8)
 mkdir -p "$(dirname "$OUT")"
 for name in "${MODELS[@]}"; do
   [ -f "$WORK/$name/config.json" ] || $A quantize "$SRC" ${CMD[$name]} --lm-head-bits 8 --stream --out "$WORK/$name" --quiet

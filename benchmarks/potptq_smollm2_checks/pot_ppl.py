@@ -10,8 +10,4 @@ for opts, method in (({"steps": "init", "zero_level": False}, "potptq"), ({}, "r
     lm = anybit.load_model("smollm2-135m")
     anybit.quantize(lm.model, anybit.QuantConfig(method=method, wbits=3, group_size=128, options=opts), torch.randint(0, 1000, (1, 16)), progress=False)
     print(method, opts, perplexity(lm.model, win, dataset="w", progress=False).ppl, flush=True)
-    if method == "potptq":
-        with torch.no_grad():
-            for kern in ("reference",):
-                import os; os.environ["ANYBIT_KERNEL"] = kern
 print("fp", perplexity(lm0.model, win, dataset="w", progress=False).ppl)

@@ -389,10 +389,11 @@ def test_bcq_dequantize_and_long_prompts(bits, group):
 def test_f32_linear_kind(isa, bias):
     """Kind 4 of the native decoding step (a float32 nn.Linear read in place): equal to F.linear
     to float rounding on odd shapes (N not a multiple of the 4-row block, K not of the vector
-    width), 1 and several activation rows, one and two threads."""
+    width), 1 and several activation rows, one and two threads; at batch 1 a thread's rows are
+    read as four quarters side by side, so also fewer rows than quarters (1, 3, 9 rows)."""
     import ctypes
 
-    for n, k, m in [(37, 101, 1), (4, 64, 3), (130, 576, 2), (3, 17, 1)]:
+    for n, k, m in [(37, 101, 1), (4, 64, 3), (130, 576, 2), (3, 17, 1), (1, 33, 1), (9, 48, 1), (70, 576, 1)]:
         lin = torch.nn.Linear(k, n, bias=bias)
         st = native.lin_struct(lin)
         assert st is not None and st.kind == 4

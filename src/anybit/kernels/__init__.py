@@ -6,7 +6,8 @@ the input, the module's activation scheme, group size, rows); the dispatch takes
 backend in preference order whose predicate accepts the call, so a CUDA tensor, a layer
 with quantized activations on an INT-only kernel, or an unsupported group never reaches
 code that cannot run it. The preference is ``ANYBIT_KERNEL`` (default ``auto``: the
-fastest registered, i.e. ``native`` when the extension is built), :func:`use` or ``--kernel``.
+fastest registered, i.e. ``native`` when the extension is built; read once, when this module is
+imported), :func:`use`, :func:`set_backend` or ``--kernel``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ _REGISTRY: dict[str, dict[str, tuple[LinearFn, Supports | None]]] = {"reference"
 # preference order for "auto"
 _PRIORITY: list[str] = ["reference"]
 _current: str | None = None
+# ANYBIT_KERNEL, read at import: reading the environment costs 0.7 us, which every eager call of
+# a layer paid to see whether the preference changed (use()/set_backend() change it at run time)
+_ENV_KERNEL = os.environ.get("ANYBIT_KERNEL", "auto")
 # backend -> format -> maker(module) of a prepared call (or None), see linear()
 _FAST: dict[str, dict[str, Callable]] = {}
 
@@ -51,7 +55,7 @@ def backends() -> list[str]:
 
 
 def current() -> str:
-    name = _current or os.environ.get("ANYBIT_KERNEL", "auto")
+    name = _current or _ENV_KERNEL
     if name != "auto" and name not in _REGISTRY:
         raise AnybitError(f"unknown kernel backend {name!r}; choose one of {', '.join(backends())}")
     return name
@@ -93,7 +97,7 @@ def linear(x: torch.Tensor, module) -> torch.Tensor:
     call for the module (its constant arguments converted once), later calls try it first: it
     serves the calls it can (the kernels are the same) and answers None to the others, and it
     is dropped when the backend preference changes or it is no longer valid for the module."""
-    prefs = (_current, os.environ.get("ANYBIT_KERNEL"))
+    prefs = _current
     fast = module.__dict__.get("_anybit_fast")
     if fast is not None and fast[0] == prefs:
         y = fast[1](x, module)
