@@ -390,10 +390,13 @@ def test_f32_linear_kind(isa, bias):
     """Kind 4 of the native decoding step (a float32 nn.Linear read in place): equal to F.linear
     to float rounding on odd shapes (N not a multiple of the 4-row block, K not of the vector
     width), 1 and several activation rows, one and two threads; at batch 1 a thread's rows are
-    read as four quarters side by side, so also fewer rows than quarters (1, 3, 9 rows)."""
+    read as four quarters side by side, so also fewer rows than quarters (1, 3, 9 rows); from 4
+    activation rows, register tiles of 4 x 6 (AVX-512; 4 x 3 otherwise) with K in chunks of 2048
+    and rows in chunks of 64, so rows and N not multiples of the tile, K past a chunk."""
     import ctypes
 
-    for n, k, m in [(37, 101, 1), (4, 64, 3), (130, 576, 2), (3, 17, 1), (1, 33, 1), (9, 48, 1), (70, 576, 1)]:
+    for n, k, m in [(37, 101, 1), (4, 64, 3), (130, 576, 2), (3, 17, 1), (1, 33, 1), (9, 48, 1), (70, 576, 1),
+                    (13, 2100, 5), (70, 576, 9), (7, 40, 70), (20, 33, 133), (5, 16, 4)]:
         lin = torch.nn.Linear(k, n, bias=bias)
         st = native.lin_struct(lin)
         assert st is not None and st.kind == 4
@@ -404,3 +407,30 @@ def test_f32_linear_kind(isa, bias):
             native._lib.anybit_lin_rows(ctypes.byref(st), x.data_ptr(), m, y.data_ptr(), threads)
             torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
     assert native.lin_struct(torch.nn.Linear(8, 8).double()) is None  # float32 only
+
+
+def test_f32_linear_routes_by_rows():
+    """native.f32_linear: the native float GEMM up to f32_gemm_rows(K) rows (any leading shape),
+    PyTorch's F.linear beyond, for other dtypes and where autograd needs the graph."""
+    calls = []
+    real = native._lib.anybit_lin_rows
+    try:
+        native._lib.anybit_lin_rows = lambda *a: (calls.append(a[2]), real(*a))[1]
+        for k in (300, 1100):
+            lin = torch.nn.Linear(k, 50)
+            most = native.f32_gemm_rows(k)
+            assert most == (native.F32_GEMM_ROWS if k >= 1024 else native.F32_GEMM_ROWS_SHORT_K)
+            calls.clear()
+            with torch.no_grad():
+                for shape in [(1, k), (2, 7, k), (most, k), (most + 1, k)]:
+                    x = torch.randn(*shape)
+                    y = native.f32_linear(x, lin.weight, lin.bias)
+                    assert y.shape == (*shape[:-1], 50)
+                    torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias),
+                                               atol=1e-5, rtol=1e-5)
+                assert calls == [1, 14, most]  # the last call went to BLAS
+                native.f32_linear(torch.randn(3, k).double(), lin.weight.double())
+            native.f32_linear(torch.randn(3, k), lin.weight, lin.bias)  # weight requires grad: BLAS
+            assert calls == [1, 14, most]
+    finally:
+        native._lib.anybit_lin_rows = real

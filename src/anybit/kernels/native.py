@@ -981,6 +981,40 @@ def _f32_struct(lin: torch.nn.Linear) -> LinStruct | None:
     return st
 
 
+# A float32 linear on a prompt's rows through the native float GEMM (f32_gemm_tiles of
+# kernels_decode.inc: register tiles of inner products, no packing) rather than PyTorch's BLAS, up
+# to this many rows where K >= 1024, and up to F32_GEMM_ROWS_SHORT_K where K is shorter (each
+# tile's lane sums then weigh more): on the 2-core Zen 4 (benchmarks/f32_gemm.py) 0.56-0.95 of
+# MKL's time at 4-128 rows on LLaMA-7B's shapes and SmolLM2's 576x1536, 0.23-0.97 at 4-48 rows on
+# its K = 576 shapes, 1.01-1.10 at 64-128 rows there. ANYBIT_F32_GEMM_ROWS=0: always BLAS.
+F32_GEMM_ROWS = int(os.environ.get("ANYBIT_F32_GEMM_ROWS", "128"))
+F32_GEMM_ROWS_SHORT_K = 48
+
+
+def f32_gemm_rows(k: int) -> int:
+    """The most rows of a float32 linear with ``k`` inputs that :func:`f32_linear` runs natively."""
+    return F32_GEMM_ROWS if k >= 1024 else min(F32_GEMM_ROWS, F32_GEMM_ROWS_SHORT_K)
+
+
+def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for float32 CPU tensors, on the native float GEMM where it
+    is the faster (up to :func:`f32_gemm_rows` rows, no autograd), else ``F.linear``."""
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    if (not 0 < rows <= f32_gemm_rows(k) or _load() is None or x.dtype is not torch.float32
+            or weight.dtype is not torch.float32 or not x.is_cpu or not weight.is_cpu or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()))
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))):
+        return torch.nn.functional.linear(x, weight, bias)
+    x2 = x.reshape(rows, k).contiguous()
+    n = weight.shape[0]
+    y = x2.new_empty(rows, n)
+    st = LinStruct(kind=4, K=k, N=n, bias=_ptr(bias), w=weight.data_ptr())
+    _lib.anybit_lin_rows(ctypes.byref(st), x2.data_ptr(), rows, y.data_ptr(), _threads(rows * n * k))
+    return y.view(*x.shape[:-1], n)
+
+
 def _bitplane_struct(spec, act, k: int, n: int, d: dict, threads: int) -> LinStruct:
     """Kind 3: the bit-plane integer-dot kernel on the layout ``d`` (_prep_bitplane_dots's keys)
     of ``n`` rows (one module's, or a :class:`BitplanePlan`'s parts concatenated)."""

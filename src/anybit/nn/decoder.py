@@ -129,6 +129,7 @@ class StaticDecoder:
                             ((lay.q_proj, lay.k_proj, lay.v_proj), (lay.o_proj,), (lay.gate, lay.up), (lay.down,)))
                       for lay in self.layers]
         self.head_plan = _plan((self.head,)) if plans else None
+        self.native_f32 = plans and native._load() is not None and kernels.current() in ("auto", "native")
         shape = (len(self.layers), 1, self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
@@ -141,6 +142,13 @@ class StaticDecoder:
         # the plans' temporaries (code unpacking, layout building) are freed by now; hand the
         # heap's free pages back so that they do not count in the decoding process's RSS
         release_freed_memory()
+
+    def _linear(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """``module(h)``; a float32 nn.Linear of a prompt on the native float GEMM, which beats
+        PyTorch's BLAS up to native.F32_GEMM_ROWS rows (the PyTorch path keeps BLAS)."""
+        if self.native_f32 and type(module) is nn.Linear:
+            return native.f32_linear(h, module.weight, module.bias)
+        return module(h)
 
     def _fast_tables(self):
         """The layer table of the native decoding step (one token, the whole stack in one C
@@ -235,6 +243,7 @@ class StaticDecoder:
         if t > 1 and p0 > 0:
             mask = torch.ones(t, p1, dtype=torch.bool).tril(p0)
         small = t <= native.q8_rows()
+        lin = self._linear
         for i, (w1, e1, q_proj, k_proj, v_proj, o_proj, w2, e2, gate, up, down, qn, kn, att) in enumerate(self.layers):
             p_qkv, p_o, p_gu, p_down = self.plans[i] if small else (None,) * 4
             h = F.rms_norm(x, (x.shape[-1],), w1, e1)
@@ -242,9 +251,9 @@ class StaticDecoder:
                 q, k, v = p_qkv(h.view(t, -1)).split(p_qkv.sizes, -1)
                 q, k, v = q.view(1, t, nh, hd), k.view(1, t, nkv, hd), v.view(1, t, nkv, hd)
             else:
-                q = q_proj(h).view(1, t, nh, hd)
-                k = k_proj(h).view(1, t, nkv, hd)
-                v = v_proj(h).view(1, t, nkv, hd)
+                q = lin(q_proj, h).view(1, t, nh, hd)
+                k = lin(k_proj, h).view(1, t, nkv, hd)
+                v = lin(v_proj, h).view(1, t, nkv, hd)
             if qn is not None:
                 q = F.rms_norm(q, (hd,), qn[0], qn[1])
                 k = F.rms_norm(k, (hd,), kn[0], kn[1])
@@ -260,21 +269,21 @@ class StaticDecoder:
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=t > 1 and p0 == 0,
                                                scale=self.scale, enable_gqa=gqa)
             a = a.transpose(1, 2).reshape(1, t, nh * hd)
-            x = x + (p_o(a.view(t, -1)).view(1, t, -1) if p_o is not None else o_proj(a))
+            x = x + (p_o(a.view(t, -1)).view(1, t, -1) if p_o is not None else lin(o_proj, a))
             h = F.rms_norm(x, (x.shape[-1],), w2, e2)
             if p_gu is not None:
                 g_, u_ = p_gu(h.view(t, -1)).split(p_gu.sizes, -1)
                 m = (F.silu(g_) * u_)
             else:
-                m = F.silu(gate(h)) * up(h)
-            x = x + (p_down(m.reshape(t, -1)).view(1, t, -1) if p_down is not None else down(m))
+                m = F.silu(lin(gate, h)) * lin(up, h)
+            x = x + (p_down(m.reshape(t, -1)).view(1, t, -1) if p_down is not None else lin(down, m))
         self.pos = p1
         if not all_logits:
             x = x[:, -1:]
         x = F.rms_norm(x, (x.shape[-1],), self.norm_w, self.norm_eps)
         if self.head_plan is not None and x.shape[1] <= native.q8_rows():
             return self.head_plan(x.view(x.shape[1], -1)).view(1, x.shape[1], -1)
-        return self.head(x)
+        return lin(self.head, x)
 
     __call__ = forward
 

@@ -145,12 +145,14 @@ namespace isa_q8vnni256_gfni {
 #pragma GCC pop_options
 
 namespace dec_portable {
+static constexpr int kLanes = 4;  // float lanes of a vector register
 #include "kernels_decode.inc"
 }  // namespace dec_portable
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 namespace dec_avx512 {
+static constexpr int kLanes = 16;  // float lanes of a vector register
 #include "kernels_decode.inc"
 }  // namespace dec_avx512
 #pragma GCC pop_options
@@ -158,6 +160,7 @@ namespace dec_avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace dec_avx2 {
+static constexpr int kLanes = 8;  // float lanes of a vector register
 #include "kernels_decode.inc"
 }  // namespace dec_avx2
 #pragma GCC pop_options
