@@ -174,8 +174,9 @@ def has_gfni() -> bool:
 
 
 def q8_gfni() -> bool:
-    """Whether the int8 kernels in use move their code pieces with GFNI (gf2p8affineqb; where
-    VNNI is in use and the CPU has GFNI, unless ANYBIT_Q8_GFNI=0 or set_q8_gfni(False))."""
+    """Whether the int8 kernels in use are the GFNI build (where VNNI is in use and the CPU has
+    GFNI, unless ANYBIT_Q8_GFNI=0 or set_q8_gfni(False)): the 4-row tiles move code pieces with
+    gf2p8affineqb; the rows-in-lanes kernel only adds its 1-bit pieces by a masked vpaddb."""
     lib = _load()
     return bool(lib is not None and hasattr(lib, "anybit_q8_gfni") and lib.anybit_q8_gfni())
 
