@@ -97,3 +97,17 @@ def test_bits_per_weight_and_validation():
     assert FMT.bits_per_weight(FormatSpec("pot", 3, 128), (64, 1024)) == pytest.approx(3 + 16 / 128)
     with pytest.raises(AnybitError):
         FMT.validate(FormatSpec("pot", 5, 128))
+
+
+@pytest.mark.parametrize("fmt", ["pot", "potz"])
+@pytest.mark.parametrize("group", [64, 50, -1])
+def test_scale_search_by_blocks_of_rows_equals_the_whole(fmt, group, monkeypatch):
+    """init_scales searches blocks of rows (cache-sized): the same scales, bit for bit, as one
+    search over the whole weight, ragged last block and ragged groups included."""
+    spec = FormatSpec(fmt, 3, group)
+    w = torch.randn(37, 150, generator=torch.Generator().manual_seed(3)) * 0.02
+    w[4, 10:90] = 0
+    monkeypatch.setattr(pot, "_SEARCH_ELEMENTS", 10 ** 9)
+    whole = pot.init_scales(w, spec)
+    monkeypatch.setattr(pot, "_SEARCH_ELEMENTS", 5 * 150)  # blocks of 5 rows
+    assert torch.equal(pot.init_scales(w, spec), whole)

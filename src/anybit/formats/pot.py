@@ -131,13 +131,22 @@ def group_error(w: torch.Tensor, scales: torch.Tensor, spec: FormatSpec) -> torc
     return torch.where(mask, eg * eg, 0).sum(-1)
 
 
+# elements of a weight searched at once by init_scales (a block of rows: 1 MiB of float32)
+_SEARCH_ELEMENTS = 1 << 18
+
+
 def init_scales(w: torch.Tensor, spec: FormatSpec, rule: str = "pow", grid=DEFAULT_GRID) -> torch.Tensor:
     """Step 1 of PoTPTQ (data-free): per group, ``s = s0·β`` for the β in ``grid`` that
     minimises ‖W_g − Q(W_g; s)‖² (SPEC §3); float16-representable scales.
 
-    Vectorised over the whole weight; ``log2|w|`` is computed once, so each candidate costs
+    Vectorised over blocks of rows that stay in the caches across the candidates (the whole
+    weight at once streamed it from memory 200 times: 4.4x the time at 2048x4096; same result,
+    every row's search is its own); ``log2|w|`` is computed once per block, so each candidate costs
     a handful of elementwise ops (the sign never changes the error of a PoT level).
     """
+    rows = max(1, _SEARCH_ELEMENTS // max(1, w.shape[-1]))
+    if w.shape[0] > rows:
+        return torch.cat([init_scales(w[i:i + rows], spec, rule, grid) for i in range(0, w.shape[0], rows)])
     s0 = base_scale(w, spec, rule)
     wg, mask = grouped(w.float().abs(), spec.group_size)
     a = torch.where(mask, wg, 0)
@@ -154,7 +163,7 @@ def init_scales(w: torch.Tensor, spec: FormatSpec, rule: str = "pow", grid=DEFAU
         e = torch.round(log_a - torch.log2(su)).clamp_(0, e_max)
         level = su * torch.exp2(e)
         if zero:
-            level = torch.where(a < 0.5 * su, 0.0, level)
+            level.mul_(a >= 0.5 * su)  # 0 below half the scale (level > 0: exactly 0.0)
         d = a - level
         err = (d * d).sum(-1) - npad * s * s
         if best is None:
