@@ -986,10 +986,10 @@ def _f32_struct(lin: torch.nn.Linear) -> LinStruct | None:
 # kernels_decode.inc: register tiles of inner products, no packing) rather than PyTorch's BLAS, up
 # to this many rows where K >= 1024, and up to F32_GEMM_ROWS_SHORT_K where K is shorter (each
 # tile's lane sums then weigh more): on the 2-core Zen 4 (benchmarks/f32_gemm.py) 0.56-0.95 of
-# MKL's time at 4-128 rows on LLaMA-7B's shapes and SmolLM2's 576x1536, 0.23-0.97 at 4-48 rows on
-# its K = 576 shapes, 1.01-1.10 at 64-128 rows there. ANYBIT_F32_GEMM_ROWS=0: always BLAS.
+# MKL's time at 4-128 rows on LLaMA-7B's shapes and SmolLM2's 576x1536, 0.23-0.96 at 4-64 rows on
+# its K = 576 shapes, 1.01-1.06 at 96-128 rows there. ANYBIT_F32_GEMM_ROWS=0: always BLAS.
 F32_GEMM_ROWS = int(os.environ.get("ANYBIT_F32_GEMM_ROWS", "128"))
-F32_GEMM_ROWS_SHORT_K = 48
+F32_GEMM_ROWS_SHORT_K = 64
 
 
 def f32_gemm_rows(k: int) -> int:
