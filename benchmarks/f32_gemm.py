@@ -47,7 +47,7 @@ def main() -> None:
             w, b = torch.randn(n, k, generator=gen) * 0.02, torch.randn(n, generator=gen)
             x = torch.randn(m, k, generator=gen)
             y = torch.empty(m, n)
-            st = native.LinStruct(kind=4, K=k, N=n, bias=b.data_ptr(), w=w.data_ptr())
+            st = native._f32_weight_struct(w, b)
 
             def ours():
                 native._lib.anybit_lin_rows(ctypes.byref(st), x.data_ptr(), m, y.data_ptr(), args.threads)

@@ -80,7 +80,7 @@ def main() -> None:
             raise SystemExit(f"error: unknown format {name}; choose from {', '.join(names)}")
         fmt, bits, abits, sym, agroup, asym = names[name]
         act = ActSpec(abits, args.group_size if agroup == "w" else -1, asym) if abits < 16 else ActSpec()
-        results = []
+        rates = {}  # cold? -> GB/s
         for shape, cold in ((args.hot_shape, False), (args.shape, True)):
             n, k = (int(v) for v in shape.split("x"))
             first = random_module(fmt, bits, (n, k), args.group_size, sym, act, gen)
@@ -90,10 +90,8 @@ def main() -> None:
             calls = [prepared(m, x) for m in mods]
             threads = args.threads if cold else 1
             reps = 3 if cold else 200
-            results.append(rate(calls, x, y, threads, packed_bytes(first), args.rounds, reps))
-            results.append(8 * packed_bytes(first) / (n * k))
-        hot, bpw, cold, _ = results
-        rows.append((name, bpw, hot, cold))
+            rates[cold] = rate(calls, x, y, threads, packed_bytes(first), args.rounds, reps)
+        rows.append((name, 8 * packed_bytes(first) / (n * k), rates[False], rates[True]))
     bw1 = read_bandwidth()
     bw = (bw0 + bw1) / 2
     print(f"{native.isa()}, {args.threads} threads; cold {args.shape}, hot {args.hot_shape} on one thread; "

@@ -970,15 +970,21 @@ def lin_struct(item) -> LinStruct | None:
 F32_STEP = os.environ.get("ANYBIT_F32_STEP", "1") != "0"
 
 
-def _f32_struct(lin: torch.nn.Linear) -> LinStruct | None:
-    """Kind 4: a float32 nn.Linear read in place (its weight and bias are pointed to, not copied)."""
-    w, b = lin.weight, lin.bias
+def _f32_weight_struct(weight: torch.Tensor, bias: torch.Tensor | None) -> LinStruct | None:
+    """Kind 4 on a float32 weight ``[N, K]`` and bias read in place (pointed to, not copied), or
+    None where they are not float32, contiguous and on the CPU."""
     if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu")
-           for t in (w, b)):
+           for t in (weight, bias)):
         return None
-    st = LinStruct(kind=4, K=lin.in_features, N=lin.out_features, threads=_threads(w.numel()), bias=_ptr(b),
-                   w=w.data_ptr())
-    st.threads = _struct_threads(st)
+    n, k = weight.shape
+    return LinStruct(kind=4, K=k, N=n, threads=_threads(weight.numel()), bias=_ptr(bias), w=weight.data_ptr())
+
+
+def _f32_struct(lin: torch.nn.Linear) -> LinStruct | None:
+    """Kind 4 of a float32 nn.Linear for the decoding step (batch 1 on its measured thread count)."""
+    st = _f32_weight_struct(lin.weight, lin.bias)
+    if st is not None:
+        st.threads = _struct_threads(st)
     return st
 
 
@@ -1002,18 +1008,17 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     is the faster (up to :func:`f32_gemm_rows` rows, no autograd), else ``F.linear``."""
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
-    if (not 0 < rows <= f32_gemm_rows(k) or _load() is None or x.dtype is not torch.float32
-            or weight.dtype is not torch.float32 or not x.is_cpu or not weight.is_cpu or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()))
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))):
+    st = None
+    if (0 < rows <= f32_gemm_rows(k) and _load() is not None and x.dtype is torch.float32 and x.is_cpu
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        st = _f32_weight_struct(weight, bias)
+    if st is None:
         return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(rows, k).contiguous()
-    n = weight.shape[0]
-    y = x2.new_empty(rows, n)
-    st = LinStruct(kind=4, K=k, N=n, bias=_ptr(bias), w=weight.data_ptr())
-    _lib.anybit_lin_rows(ctypes.byref(st), x2.data_ptr(), rows, y.data_ptr(), _threads(rows * n * k))
-    return y.view(*x.shape[:-1], n)
+    y = x2.new_empty(rows, st.N)
+    _lib.anybit_lin_rows(ctypes.byref(st), x2.data_ptr(), rows, y.data_ptr(), _threads(rows * st.N * k))
+    return y.view(*x.shape[:-1], st.N)
 
 
 def _bitplane_struct(spec, act, k: int, n: int, d: dict, threads: int) -> LinStruct:

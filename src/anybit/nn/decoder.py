@@ -145,7 +145,7 @@ class StaticDecoder:
 
     def _linear(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """``module(h)``; a float32 nn.Linear of a prompt on the native float GEMM, which beats
-        PyTorch's BLAS up to native.F32_GEMM_ROWS rows (the PyTorch path keeps BLAS)."""
+        PyTorch's BLAS up to native.f32_gemm_rows(K) rows (the PyTorch path keeps BLAS)."""
         if self.native_f32 and type(module) is nn.Linear:
             return native.f32_linear(h, module.weight, module.bias)
         return module(h)
