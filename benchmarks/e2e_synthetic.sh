@@ -7,8 +7,8 @@
 # set a token's cost. Models as benchmarks/e2e_smollm2.sh (RTN; INT8 heads), written with
 # --stream; BCQ W3 by the greedy binary-coding fit (GPTQT's format without its GPTQ pass), PoT W3
 # with PoTPTQ's absmax scales (--steps none: its data-free scale search took ~12 minutes per layer
-# at this width when this script was written, ~80 s since it searches blocks of rows); where the
-# codes come from does not change the speed.
+# at this width when this script was written, 64 s since it searches blocks of rows:
+# benchmarks/pot_init_time.py); where the codes come from does not change the speed.
 #
 #   bash benchmarks/e2e_synthetic.sh [OUT_JSONL] [MODEL ...]   (the [bench] extra; nothing else running)
 set -euo pipefail
