@@ -416,21 +416,21 @@ def test_f32_linear_routes_by_rows():
     real = native._lib.anybit_lin_rows
     try:
         native._lib.anybit_lin_rows = lambda *a: (calls.append(a[2]), real(*a))[1]
-        for k in (300, 1100):
+        for k, want in ((64, 8), (300, 16), (600, 64), (1100, 128)):
             lin = torch.nn.Linear(k, 50)
             most = native.f32_gemm_rows(k)
-            assert most == (native.F32_GEMM_ROWS if k >= 1024 else native.F32_GEMM_ROWS_SHORT_K)
+            assert most == min(native.F32_GEMM_ROWS, want)
             calls.clear()
             with torch.no_grad():
-                for shape in [(1, k), (2, 7, k), (most, k), (most + 1, k)]:
+                for shape in [(1, k), (2, 3, k), (most, k), (most + 1, k)]:
                     x = torch.randn(*shape)
                     y = native.f32_linear(x, lin.weight, lin.bias)
                     assert y.shape == (*shape[:-1], 50)
                     torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias),
                                                atol=1e-5, rtol=1e-5)
-                assert calls == [1, 14, most]  # the last call went to BLAS
+                assert calls == [1, 6, most]  # the last call went to BLAS
                 native.f32_linear(torch.randn(3, k).double(), lin.weight.double())
             native.f32_linear(torch.randn(3, k), lin.weight, lin.bias)  # weight requires grad: BLAS
-            assert calls == [1, 14, most]
+            assert calls == [1, 6, most]
     finally:
         native._lib.anybit_lin_rows = real

@@ -990,17 +990,18 @@ def _f32_struct(lin: torch.nn.Linear) -> LinStruct | None:
 
 # A float32 linear on a prompt's rows through the native float GEMM (f32_gemm_tiles of
 # kernels_decode.inc: register tiles of inner products, no packing) rather than PyTorch's BLAS, up
-# to this many rows where K >= 1024, and up to F32_GEMM_ROWS_SHORT_K where K is shorter (each
-# tile's lane sums then weigh more): on the 2-core Zen 4 (benchmarks/f32_gemm.py) 0.56-0.95 of
-# MKL's time at 4-128 rows on LLaMA-7B's shapes and SmolLM2's 576x1536, 0.23-0.96 at 4-64 rows on
-# its K = 576 shapes, 1.01-1.06 at 96-128 rows there. ANYBIT_F32_GEMM_ROWS=0: always BLAS.
+# to a number of rows that grows with K, since each tile ends in lane sums that weigh more the
+# shorter K is (benchmarks/f32_gemm.py, 2-core Zen 4, native / MKL time): K >= 1024: 0.56-0.95 at
+# 4-128 rows (LLaMA-7B's shapes, SmolLM2's 576x1536); K = 576: 0.31-0.96 at 2-64 rows, 1.01-1.06
+# at 96-128; K = 288: 0.42-0.79 at 2-16 rows, 1.03-1.16 at 32-64; K = 64-191 (stories260K-sized):
+# 0.52-1.08 at 2-8 rows, 1.01-1.72 at 16, up to 2.2 at 32-64. ANYBIT_F32_GEMM_ROWS=0: always BLAS.
 F32_GEMM_ROWS = int(os.environ.get("ANYBIT_F32_GEMM_ROWS", "128"))
-F32_GEMM_ROWS_SHORT_K = 64
+F32_GEMM_ROWS_BY_K = ((1024, 128), (512, 64), (192, 16), (0, 8))  # (least K, most rows)
 
 
 def f32_gemm_rows(k: int) -> int:
     """The most rows of a float32 linear with ``k`` inputs that :func:`f32_linear` runs natively."""
-    return F32_GEMM_ROWS if k >= 1024 else min(F32_GEMM_ROWS, F32_GEMM_ROWS_SHORT_K)
+    return min(F32_GEMM_ROWS, next(rows for least, rows in F32_GEMM_ROWS_BY_K if k >= least))
 
 
 def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
