@@ -131,8 +131,9 @@ def main() -> None:
             fit = {"fit": "greedy"} if fmt.startswith("bcq") else {}  # the kernel, not the fit, is timed
             mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec, act=act, **fit)
                     for _ in range(args.copies)]
-            # tile4: the two kernels have different layouts, each module caches one: a copy for each
-            modsets = {"this": mods, "other": copy.deepcopy(mods) if args.other == "tile4" else mods}
+            # tile4 and another build: the layouts may differ, each module caches one: a copy for each
+            own_layouts = args.other == "tile4" or args.other.endswith(".so")
+            modsets = {"this": mods, "other": copy.deepcopy(mods) if own_layouts else mods}
             run = K.linear
         outs = {}
         for name, use in builds.items():

@@ -296,6 +296,48 @@ def test_bad_isa_setting_warns_once_and_falls_back():
     assert p.stdout.strip() == "1 ['auto', 'reference']", p.stdout
 
 
+def read_rows16(w: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """The codes ``[n, k]`` of a version-2 rows16 layout, read as kernels_q8_rows16.inc documents it:
+    blocks of 16 rows, chunk q = codes 4q..4q+3 of each row; groups of P chunks holding each
+    piece's 64-byte lines (8/width chunks each, chunk j in bits width·j), narrowest piece first."""
+    pieces = sorted(native.Q8_PIECES[bits])
+    P = max(1 if wd == 8 else 8 // wd for wd, _ in pieces)
+    kp = -(-k // 64) * 64
+    out = torch.zeros(w.shape[0] * 16, kp, dtype=torch.int64)
+    for b in range(w.shape[0]):
+        blk = w[b].to(torch.int64)
+        gb = sum(P * 64 if wd == 8 else P * wd // 8 * 64 for wd, _ in pieces)
+        for q in range(kp // 4):
+            g, j = divmod(q, P)
+            base, code = g * gb, torch.zeros(64, dtype=torch.int64)
+            for wd, shift in pieces:
+                per = 1 if wd == 8 else 8 // wd
+                line = blk[base + j // per * 64: base + j // per * 64 + 64]
+                code |= ((line >> (wd * (j % per))) & ((1 << wd) - 1)) << shift
+                base += P * 64 if wd == 8 else P * wd // 8 * 64
+            out[16 * b: 16 * b + 16, 4 * q: 4 * q + 4] = code.view(16, 4)
+    return out[:n, :k]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_rows16_layout_is_as_documented(bits):
+    """The rows-in-lanes layout (version 2): codes in 1-bit lines, a group's narrowest piece first,
+    read back by the documented rule; float16 scales and uint8 zero points, 3 bytes per row and
+    group (the kernel forms s·z), equal to the format's own."""
+    if native.q8_kernel() != "rows16":
+        pytest.skip("the rows-in-lanes int8 kernel is not in use here (AVX-512 VNNI, ANYBIT_Q8_ROWS16)")
+    assert native.q8_rl_layout() == 2
+    n, k = 37, 300
+    codes = torch.randint(0, 1 << bits, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    assert torch.equal(read_rows16(native.q8_layout_rows16(codes, bits), bits, n, k), codes.long())
+    q = QuantLinear.from_linear(linear(n, k), FormatSpec("int", bits, 128, sym=False))
+    d = native._prep_int_q8(q)
+    assert d["rows"] == 16 and d["scales"].dtype == torch.float16 and d["szs"].dtype == torch.uint8
+    _, scales, zeros = native.intfmt.IntFormat().unpack(q.packed(), q.spec, q.shape)
+    assert torch.equal(d["scales"].float(), native.q8_rows16_values(scales))
+    assert torch.equal(d["szs"].float(), native.q8_rows16_values(zeros))
+
+
 def assert_plan_equals_parts(plan, mods: list, k: int) -> None:
     """A fused plan's output on 1 and 5 rows is its parts' outputs side by side, bit for bit."""
     for m in (1, 5):

@@ -418,7 +418,10 @@ Q8_RL = 16  # rows per block of the rows-in-lanes layout (kernels_q8_rows16.inc:
 def q8_layout_rows16(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``uint8 [N, K]`` in the layout of kernels_q8_rows16.inc: blocks of 16 rows
     (``uint8 [ceil(N/16), block bytes]``), a block's chunk q holding codes 4q..4q+3 of its 16
-    rows ([row][4]); each block stored as one row of the piece layout (q8_layout, masks)."""
+    rows ([row][4]); each block stored as one row of the piece layout (q8_layout), 1-bit pieces
+    in lines of 8 chunks, a group's narrowest piece first (64-bit masks in the pieces' order for
+    builds of layout version 1: :func:`q8_rl_layout`)."""
+    masks = q8_rl_layout() < 2
     n, k = codes.shape
     kp = -(-k // 64) * 64
     step = Q8_RL * max(1, (1 << 20) // max(kp, 1))
@@ -428,13 +431,20 @@ def q8_layout_rows16(codes: torch.Tensor, bits: int) -> torch.Tensor:
         nb = -(-part.shape[0] // Q8_RL)
         part = torch.nn.functional.pad(part, (0, kp - k, 0, nb * Q8_RL - part.shape[0]))
         part = part.view(nb, Q8_RL, kp // 4, 4).permute(0, 2, 1, 3).reshape(nb, kp * Q8_RL)
-        out.append(_q8_layout(part, bits, masks=True, rows=1))
+        out.append(_q8_layout(part, bits, masks=masks, rows=1, narrow_first=not masks))
     return torch.cat(out, 0).contiguous() if len(out) > 1 else out[0]
 
 
+def q8_rl_layout() -> int:
+    """The version of the rows16 layout the loaded build reads (anybit_q8_rl_layout): 2 = 1-bit
+    pieces in lines, INT/PoT float16 scales and uint8 zero points; 1 (older builds, loaded by
+    benchmarks/ab_native.py) = 1-bit masks, float32 scales and s·z."""
+    return int(_lib.anybit_q8_rl_layout()) if hasattr(_lib, "anybit_q8_rl_layout") else 1
+
+
 def q8_rows16_values(v: torch.Tensor) -> torch.Tensor:
-    """Per-(row, group) values ``[N, G]`` (scales, s·z) as the rows16 kernel reads them: per block
-    of 16 rows, ``[G][16]`` (rows past N zero)."""
+    """Per-(row, group) values ``[N, G]`` (scales, zero points, s·z, in their dtype) as the rows16
+    kernel reads them: per block of 16 rows, ``[G][16]`` (rows past N zero)."""
     n, g = v.shape
     nb = -(-n // Q8_RL)
     v = torch.nn.functional.pad(v, (0, 0, 0, nb * Q8_RL - n))
@@ -455,7 +465,10 @@ def q8_group_chunks(bits: int, masks: bool) -> int:
     return max(_q8_unit_chunks(w, masks) for w, _ in Q8_PIECES[bits])
 
 
-def _q8_layout(codes: torch.Tensor, bits: int, masks: bool, rows: int = Q8_ROWS) -> torch.Tensor:
+def _q8_layout(codes: torch.Tensor, bits: int, masks: bool, rows: int = Q8_ROWS,
+               narrow_first: bool = False) -> torch.Tensor:
+    """See :func:`q8_layout`; ``narrow_first``: a group's pieces by width, narrowest first
+    (the rows16 layout: each chunk's loads then go forward through the group)."""
     n, k = codes.shape
     c = -(-k // 64)
     nb = -(-n // rows)
@@ -463,7 +476,7 @@ def _q8_layout(codes: torch.Tensor, bits: int, masks: bool, rows: int = Q8_ROWS)
     P = q8_group_chunks(bits, masks)
     full = -(-c // P) - 1  # groups of P chunks before the last (which may be shorter)
     parts_full, parts_last = [], []
-    for width, shift in Q8_PIECES[bits]:
+    for width, shift in sorted(Q8_PIECES[bits]) if narrow_first else Q8_PIECES[bits]:
         v = (codes >> shift) & ((1 << width) - 1)  # [blocks, R, C, 64]
         if width == 8:
             units = v  # unit = a chunk of 64 bytes
@@ -486,6 +499,9 @@ def _q8_layout(codes: torch.Tensor, bits: int, masks: bool, rows: int = Q8_ROWS)
 
 @_own_copy
 def _prep_int_q8(module):
+    """The int8 kernel's layout of an INT/PoT module: ``w`` (codes), ``rows`` (per block),
+    ``scales`` and ``szs`` (float32 s and s·z per row and group; for the rows16 layout, version 2,
+    float16 s and uint8 zero points z, per block [G][16]), ``bias``, ``table`` (PoT)."""
     spec = module.spec
     if spec.format == "int":
         codes, scales, zeros = intfmt.IntFormat().unpack(module.packed(), spec, module.shape)
@@ -502,11 +518,18 @@ def _prep_int_q8(module):
             table[16 * i:16 * i + len(t)] = torch.tensor([v + z for v in t], dtype=torch.uint8)
         # the kernel sums <= 3-bit PoT products in int16 over 3 chunks (LUT_MAX_3BIT)
         assert spec.bits > 3 or int(table.max()) <= 16
-    szs = scales * zeros
     rows = q8_block_rows(spec, module.in_features)
-    if rows == Q8_RL:
+    if rows == Q8_RL and q8_rl_layout() >= 2:
+        # float16 scales and uint8 zero points, the kernel forms s·z (the same float32 product):
+        # 3 bytes per row and group to read instead of 8
+        assert int(zeros.max()) <= 255 and torch.equal(scales.half().float(), scales)
+        w, scales, szs = (q8_layout_rows16(codes, spec.bits), q8_rows16_values(scales.half()),
+                          q8_rows16_values(zeros.to(torch.uint8)))
+    elif rows == Q8_RL:
+        szs = scales * zeros
         w, scales, szs = q8_layout_rows16(codes, spec.bits), q8_rows16_values(scales), q8_rows16_values(szs)
     else:
+        szs = scales * zeros
         w = q8_layout(codes, spec.bits, _q8_masks(spec, module.in_features))
     return {"w": w, "rows": rows, "scales": scales.contiguous(), "szs": szs.contiguous(), "bias": _bias(module),
             "table": table}

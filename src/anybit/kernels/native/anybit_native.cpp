@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 // BCQ: int8 tables looked up four chunks at a time by vpermb and summed by vpdpbusd (2, where
@@ -246,6 +247,12 @@ int anybit_set_q8_rows16(int on) {
     g_q8_rows16 = on ? 1 : 0;
     return old;
 }
+
+// The version of the rows-in-lanes layout (kernels_q8_rows16.inc), which native.py reads to build
+// it: 2 = 1-bit pieces in 64-byte lines of 8 chunks, a group's narrowest piece first, INT/PoT
+// float16 scales and uint8 zero points. Builds without the function (1): 64-bit masks in the
+// pieces' order, float32 scales and s·z (benchmarks/ab_native.py loads such builds)
+int anybit_q8_rl_layout(void) { return 2; }
 
 // Where VNNI is in use and the CPU has GFNI: 1 = the kernels compiled with it (Q8_GFNI), 0 = without
 // (anybit_set_q8_gfni; for comparisons and tests)
