@@ -437,8 +437,8 @@ def q8_layout_rows16(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def q8_rl_layout() -> int:
     """The version of the rows16 layout the loaded build reads (anybit_q8_rl_layout): 2 = 1-bit
-    pieces in lines, INT/PoT float16 scales and uint8 zero points; 1 (older builds, loaded by
-    benchmarks/ab_native.py) = 1-bit masks, float32 scales and s·z."""
+    pieces in lines, float16 scales and uint8 zero points (bit-plane: and int32 U − cnt·a); 1
+    (older builds, loaded by benchmarks/ab_native.py) = 1-bit masks, float32 values."""
     return int(_lib.anybit_q8_rl_layout()) if hasattr(_lib, "anybit_q8_rl_layout") else 1
 
 
@@ -777,8 +777,16 @@ def _prep_bitplane_dots(module):
     codes, scales, zeros = get_format("bitplane").unpack(module.packed(), spec, module.shape)
     u = torch.nn.functional.pad(codes.to(torch.int64), (0, ng * g - k)).reshape(n, ng, g).sum(-1).double()
     sw, a = scales.double(), zeros.double()
-    if bitplane_block_rows() == Q8_RL:  # per block [G][16]: sw, sw·a and sw·(U − cnt·a) (bitplane_rows16)
-        cnt = (torch.clamp(k - torch.arange(ng) * g, max=g)).double()
+    cnt = (torch.clamp(k - torch.arange(ng) * g, max=g)).double()
+    if bitplane_block_rows() == Q8_RL and q8_rl_layout() >= 2:
+        # per block [G][16]: float16 sw, uint8 a and int32 U − cnt·a (bitplane_rows16 forms sw·a and
+        # sw·(U − cnt·a), the float32 products below): 7 bytes per row and group instead of 12
+        d = (u - cnt * a).round()
+        assert torch.equal(sw.half().double(), sw) and int(a.max()) <= 255 and float(d.abs().max()) < 2 ** 24
+        return {"w": q8_layout_rows16(codes.to(torch.uint8), spec.bits), "rows": Q8_RL,
+                "sw": q8_rows16_values(scales.half()), "aw": q8_rows16_values(zeros.to(torch.uint8)),
+                "U": q8_rows16_values(d.to(torch.int32)), "bias": _bias(module)}
+    if bitplane_block_rows() == Q8_RL:  # version 1: float32 sw, sw·a and sw·(U − cnt·a)
         return {"w": q8_layout_rows16(codes.to(torch.uint8), spec.bits), "rows": Q8_RL,
                 "sw": q8_rows16_values(sw.float()), "aw": q8_rows16_values((sw * a).float()),
                 "U": q8_rows16_values((sw * (u - cnt * a)).float()), "bias": _bias(module)}

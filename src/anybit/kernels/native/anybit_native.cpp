@@ -249,8 +249,8 @@ int anybit_set_q8_rows16(int on) {
 }
 
 // The version of the rows-in-lanes layout (kernels_q8_rows16.inc), which native.py reads to build
-// it: 2 = 1-bit pieces in 64-byte lines of 8 chunks, a group's narrowest piece first, INT/PoT
-// float16 scales and uint8 zero points. Builds without the function (1): 64-bit masks in the
+// it: 2 = 1-bit pieces in 64-byte lines of 8 chunks, a group's narrowest piece first, float16
+// scales and uint8 zero points (bit-plane: and the int32 U − cnt·a). Builds without the function (1): 64-bit masks in the
 // pieces' order, float32 scales and s·z (benchmarks/ab_native.py loads such builds)
 int anybit_q8_rl_layout(void) { return 2; }
 
