@@ -125,7 +125,7 @@ namespace isa_q8vnni256 {
 // The two VNNI kernels again with GFNI (Q8_GFNI: pieces moved into place by gf2p8affineqb),
 // chosen where the CPU has it (AVX-512 VNNI without GFNI: Cascade Lake)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,gfni,avx2,fma,f16c,bmi,bmi2,popcnt")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c,bmi,bmi2,popcnt")
 namespace isa_vnni_gfni {
 #define Q8_ISA 2
 #define Q8_GFNI 1
@@ -258,9 +258,9 @@ int anybit_q8_rl_layout(void) { return 2; }
 // (anybit_set_q8_gfni; for comparisons and tests)
 static int g_q8_gfni = 1;
 
-int anybit_cpu_gfni(void) {
+int anybit_cpu_gfni(void) {  // the GFNI generation, which has VBMI too (Ice Lake, Zen 4): both asked
     __builtin_cpu_init();
-    return __builtin_cpu_supports("gfni");
+    return __builtin_cpu_supports("gfni") && __builtin_cpu_supports("avx512vbmi");
 }
 
 int anybit_set_q8_gfni(int on) {
