@@ -132,7 +132,7 @@ def main() -> None:
             mods = [QuantLinear.from_linear(torch.nn.Linear(int(k), int(n), bias=False), spec, act=act, **fit)
                     for _ in range(args.copies)]
             # tile4 and another build: the layouts may differ, each module caches one: a copy for each
-            own_layouts = args.other == "tile4" or args.other.endswith(".so")
+            own_layouts = args.other not in ("nogfni", "bcqfloat", "bcqvnni")
             modsets = {"this": mods, "other": copy.deepcopy(mods) if own_layouts else mods}
             run = K.linear
         outs = {}

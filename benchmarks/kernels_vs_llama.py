@@ -19,23 +19,16 @@ import time
 
 import torch
 
-from anybit.bench import CASES, case_name, copies_for_cold, packed_bytes, random_module, read_bandwidth
-from anybit.formats import ActSpec
+from anybit.bench import copies_for_cold, read_bandwidth
 from anybit.kernels import native
 from anybit.peers import llama_cpp
-from roofline import prepared
+from roofline import cold_calls
 
 
 def ours(name: str, n: int, k: int, group: int, threads: int, gen: torch.Generator):
     """A pass over distinct copies of an anybit layer ``name`` (a `bench kernels` format name):
     (run, calls per pass, weight bytes)."""
-    fmt, bits, abits, sym, agroup, asym = {case_name(c): c for c in CASES}[name]
-    act = ActSpec(abits, group if agroup == "w" else -1, asym) if abits < 16 else ActSpec()
-    first = random_module(fmt, bits, (n, k), group, sym, act, gen)
-    mods = [first] + [random_module(fmt, bits, (n, k), group, sym, act, gen)
-                      for _ in range(copies_for_cold(packed_bytes(first)) - 1)]
-    x, y = torch.randn(1, k, generator=gen), torch.empty(1, n)
-    calls = [prepared(m, x) for m in mods]
+    mods, calls, x, y, nbytes = cold_calls(name, n, k, group, gen)
     lib = native._lib
 
     def run() -> None:
@@ -43,7 +36,7 @@ def ours(name: str, n: int, k: int, group: int, threads: int, gen: torch.Generat
             lib.anybit_lin_rows(c.addr, x.data_ptr(), 1, y.data_ptr(), threads)
 
     run.keep = (mods, x, y)
-    return run, len(calls), packed_bytes(first)
+    return run, len(calls), nbytes
 
 
 def theirs(type_name: str, n: int, k: int, threads: int):

@@ -45,6 +45,22 @@ def prepared(m, x: torch.Tensor):
     return fast[1]
 
 
+def cold_calls(name: str, n: int, k: int, group: int, gen: torch.Generator, cold: bool = True):
+    """Random layers of the `bench kernels` format ``name`` (``[n, k]``, weight group ``group``):
+    distinct copies enough to be read from memory on every call (``cold``; else one), each with
+    its prepared native call. Returns (modules, calls, x ``[1, k]``, y ``[1, n]``, weight bytes of one)."""
+    names = {case_name(c): c for c in CASES}
+    if name not in names:
+        raise SystemExit(f"error: unknown format {name}; choose from {', '.join(names)}")
+    fmt, bits, abits, sym, agroup, asym = names[name]
+    act = ActSpec(abits, group if agroup == "w" else -1, asym) if abits < 16 else ActSpec()
+    first = random_module(fmt, bits, (n, k), group, sym, act, gen)
+    copies = copies_for_cold(packed_bytes(first)) if cold else 1
+    mods = [first] + [random_module(fmt, bits, (n, k), group, sym, act, gen) for _ in range(copies - 1)]
+    x, y = torch.randn(1, k, generator=gen), torch.empty(1, n)
+    return mods, [prepared(m, x) for m in mods], x, y, packed_bytes(first)
+
+
 def rate(calls, x: torch.Tensor, y: torch.Tensor, threads: int, nbytes: int, rounds: int, reps: int) -> float:
     """GB/s of weight bytes: the median over rounds of ``reps`` passes over ``calls``."""
     lib = native._lib
@@ -71,27 +87,18 @@ def main() -> None:
     args = ap.parse_args()
     if not native.available():
         raise SystemExit("error: the native kernels are not built; run `python setup.py build_ext --inplace`")
-    names = {case_name(c): c for c in CASES}
     gen = torch.Generator().manual_seed(0)
     bw0 = read_bandwidth()
     rows = []
     for name in args.formats.split(","):
-        if name not in names:
-            raise SystemExit(f"error: unknown format {name}; choose from {', '.join(names)}")
-        fmt, bits, abits, sym, agroup, asym = names[name]
-        act = ActSpec(abits, args.group_size if agroup == "w" else -1, asym) if abits < 16 else ActSpec()
         rates = {}  # cold? -> GB/s
         for shape, cold in ((args.hot_shape, False), (args.shape, True)):
             n, k = (int(v) for v in shape.split("x"))
-            first = random_module(fmt, bits, (n, k), args.group_size, sym, act, gen)
-            copies = copies_for_cold(packed_bytes(first)) if cold else 1
-            mods = [first] + [random_module(fmt, bits, (n, k), args.group_size, sym, act, gen) for _ in range(copies - 1)]
-            x, y = torch.randn(1, k, generator=gen), torch.empty(1, n)
-            calls = [prepared(m, x) for m in mods]
+            mods, calls, x, y, nbytes = cold_calls(name, n, k, args.group_size, gen, cold)
             threads = args.threads if cold else 1
             reps = 3 if cold else 200
-            rates[cold] = rate(calls, x, y, threads, packed_bytes(first), args.rounds, reps)
-        rows.append((name, 8 * packed_bytes(first) / (n * k), rates[False], rates[True]))
+            rates[cold] = rate(calls, x, y, threads, nbytes, args.rounds, reps)
+        rows.append((name, 8 * nbytes / (n * k), rates[False], rates[True]))
     bw1 = read_bandwidth()
     bw = (bw0 + bw1) / 2
     print(f"{native.isa()}, {args.threads} threads; cold {args.shape}, hot {args.hot_shape} on one thread; "

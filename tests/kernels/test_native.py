@@ -302,11 +302,12 @@ def read_rows16(w: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     piece's 64-byte lines (8/width chunks each, chunk j in bits width·j), narrowest piece first."""
     pieces = sorted(native.Q8_PIECES[bits])
     P = max(1 if wd == 8 else 8 // wd for wd, _ in pieces)
+    piece_bytes = {wd: P * 64 if wd == 8 else P * wd // 8 * 64 for wd, _ in pieces}  # per group
+    gb = sum(piece_bytes.values())
     kp = -(-k // 64) * 64
     out = torch.zeros(w.shape[0] * 16, kp, dtype=torch.int64)
     for b in range(w.shape[0]):
         blk = w[b].to(torch.int64)
-        gb = sum(P * 64 if wd == 8 else P * wd // 8 * 64 for wd, _ in pieces)
         for q in range(kp // 4):
             g, j = divmod(q, P)
             base, code = g * gb, torch.zeros(64, dtype=torch.int64)
@@ -314,7 +315,7 @@ def read_rows16(w: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
                 per = 1 if wd == 8 else 8 // wd
                 line = blk[base + j // per * 64: base + j // per * 64 + 64]
                 code |= ((line >> (wd * (j % per))) & ((1 << wd) - 1)) << shift
-                base += P * 64 if wd == 8 else P * wd // 8 * 64
+                base += piece_bytes[wd]
             out[16 * b: 16 * b + 16, 4 * q: 4 * q + 4] = code.view(16, 4)
     return out[:n, :k]
 

@@ -519,18 +519,17 @@ def _prep_int_q8(module):
         # the kernel sums <= 3-bit PoT products in int16 over 3 chunks (LUT_MAX_3BIT)
         assert spec.bits > 3 or int(table.max()) <= 16
     rows = q8_block_rows(spec, module.in_features)
-    if rows == Q8_RL and q8_rl_layout() >= 2:
+    if rows != Q8_RL:
+        w, szs = q8_layout(codes, spec.bits, _q8_masks(spec, module.in_features)), scales * zeros
+    elif q8_rl_layout() >= 2:
         # float16 scales and uint8 zero points, the kernel forms s·z (the same float32 product):
         # 3 bytes per row and group to read instead of 8
         assert int(zeros.max()) <= 255 and torch.equal(scales.half().float(), scales)
         w, scales, szs = (q8_layout_rows16(codes, spec.bits), q8_rows16_values(scales.half()),
                           q8_rows16_values(zeros.to(torch.uint8)))
-    elif rows == Q8_RL:
-        szs = scales * zeros
-        w, scales, szs = q8_layout_rows16(codes, spec.bits), q8_rows16_values(scales), q8_rows16_values(szs)
-    else:
-        szs = scales * zeros
-        w = q8_layout(codes, spec.bits, _q8_masks(spec, module.in_features))
+    else:  # version 1: float32 s and s·z
+        w, scales, szs = (q8_layout_rows16(codes, spec.bits), q8_rows16_values(scales),
+                          q8_rows16_values(scales * zeros))
     return {"w": w, "rows": rows, "scales": scales.contiguous(), "szs": szs.contiguous(), "bias": _bias(module),
             "table": table}
 
@@ -777,19 +776,17 @@ def _prep_bitplane_dots(module):
     codes, scales, zeros = get_format("bitplane").unpack(module.packed(), spec, module.shape)
     u = torch.nn.functional.pad(codes.to(torch.int64), (0, ng * g - k)).reshape(n, ng, g).sum(-1).double()
     sw, a = scales.double(), zeros.double()
-    cnt = (torch.clamp(k - torch.arange(ng) * g, max=g)).double()
-    if bitplane_block_rows() == Q8_RL and q8_rl_layout() >= 2:
-        # per block [G][16]: float16 sw, uint8 a and int32 U − cnt·a (bitplane_rows16 forms sw·a and
-        # sw·(U − cnt·a), the float32 products below): 7 bytes per row and group instead of 12
-        d = (u - cnt * a).round()
-        assert torch.equal(sw.half().double(), sw) and int(a.max()) <= 255 and float(d.abs().max()) < 2 ** 24
+    if bitplane_block_rows() == Q8_RL:
+        d = (u - (torch.clamp(k - torch.arange(ng) * g, max=g)).double() * a).round()  # U − cnt·a
+        if q8_rl_layout() >= 2:
+            # per block [G][16]: float16 sw, uint8 a and int32 U − cnt·a (bitplane_rows16 forms sw·a
+            # and sw·(U − cnt·a), version 1's float32 products): 7 bytes per row and group instead of 12
+            assert torch.equal(sw.half().double(), sw) and int(a.max()) <= 255 and float(d.abs().max()) < 2 ** 24
+            values = {"sw": scales.half(), "aw": zeros.to(torch.uint8), "U": d.to(torch.int32)}
+        else:  # version 1: float32 sw, sw·a and sw·(U − cnt·a)
+            values = {"sw": sw.float(), "aw": (sw * a).float(), "U": (sw * d).float()}
         return {"w": q8_layout_rows16(codes.to(torch.uint8), spec.bits), "rows": Q8_RL,
-                "sw": q8_rows16_values(scales.half()), "aw": q8_rows16_values(zeros.to(torch.uint8)),
-                "U": q8_rows16_values(d.to(torch.int32)), "bias": _bias(module)}
-    if bitplane_block_rows() == Q8_RL:  # version 1: float32 sw, sw·a and sw·(U − cnt·a)
-        return {"w": q8_layout_rows16(codes.to(torch.uint8), spec.bits), "rows": Q8_RL,
-                "sw": q8_rows16_values(sw.float()), "aw": q8_rows16_values((sw * a).float()),
-                "U": q8_rows16_values((sw * (u - cnt * a)).float()), "bias": _bias(module)}
+                **{key: q8_rows16_values(v) for key, v in values.items()}, "bias": _bias(module)}
     return {"w": q8_layout(codes.to(torch.uint8), spec.bits, masks=False), "rows": Q8_ROWS,  # the AVX2 layout
             "sw": scales.contiguous(), "aw": zeros.float().contiguous(), "U": u.float().contiguous(),
             "bias": _bias(module)}
