@@ -7,7 +7,9 @@
 # Each `compare` call is resumable (finished cells are skipped, a killed cell resumes at its
 # next block), so the script can be re-run until it completes; the calls are in priority
 # order: the finished cells first, then the cheap rows (minutes each),
-# then the trained ones (hours). Run from the repository root; one heavy job at a time.
+# then the trained ones (hours), the cells of several rows first: a run folder is git-ignored,
+# so a cell still running when a session's machine is replaced starts over in the next one.
+# Run from the repository root; one heavy job at a time.
 # GPTQ/GPTQT rows name their column order and dampening: the method defaults became act-order
 # and 0.05 on 2026-12-05 (chosen by this grid); the rows before ran with natural order and 0.01.
 set -e
@@ -35,10 +37,10 @@ $A compare $W --methods rtn,gptq:order=none:damp_percent=0.01,gptq:order=act:dam
 $A compare $W --methods gptqt:scale_grid=0.9/0.95/1.0:order=none:damp_percent=0.01,gptqt:scale_grid=0.9/0.95/1.0:offset16=true:order=none:damp_percent=0.01 --schemes W3A16G128,W2A16G64
 # GPTQ at equal storage with GPTQT (INT3 g32 ~ 3.6 b/w, INT2 g32)
 $A compare $W --methods gptq:order=none:damp_percent=0.01,gptq:order=act:damp_percent=0.01 --schemes W3A16G32,W2A16G32
-# ABQ-LLM W2*A8 (bit balance), 40 epochs
-$A compare $W --methods abq --schemes 'W2*A8G-1'
 # PoTPTQ: the paper's 2-bit ablation at g64 (40 epochs)
 $A compare $W --methods potptq:steps=none,potptq:steps=init,potptq:steps=refine,potptq --schemes W2A16G64
+# ABQ-LLM W2*A8 (bit balance), 40 epochs
+$A compare $W --methods abq --schemes 'W2*A8G-1'
 # ABQ-LLM W6A6, W2A8 (no bit balance)
 $A compare $W --methods abq --schemes W6A6G-1,W2A8G-1
 # PoTPTQ W2 g128 (40 epochs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anybit import kernels
-from anybit.formats import ActSpec, FormatSpec
+from anybit.formats import ActSpec, FormatSpec, get_format
 from anybit.kernels import native
 from anybit.nn import QuantLinear
 
@@ -327,7 +327,7 @@ def test_rows16_layout_is_as_documented(bits):
     group (the kernel forms s·z), equal to the format's own."""
     if native.q8_kernel() != "rows16":
         pytest.skip("the rows-in-lanes int8 kernel is not in use here (AVX-512 VNNI, ANYBIT_Q8_ROWS16)")
-    assert native.q8_rl_layout() == 2
+    assert native.q8_rl_layout() == 3
     n, k = 37, 300
     codes = torch.randint(0, 1 << bits, (n, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
     assert torch.equal(read_rows16(native.q8_layout_rows16(codes, bits), bits, n, k), codes.long())
@@ -337,6 +337,34 @@ def test_rows16_layout_is_as_documented(bits):
     _, scales, zeros = native.intfmt.IntFormat().unpack(q.packed(), q.spec, q.shape)
     assert torch.equal(d["scales"].float(), native.q8_rows16_values(scales))
     assert torch.equal(d["szs"].float(), native.q8_rows16_values(zeros))
+
+
+@pytest.mark.parametrize("act_group,asym", [(-1, True), ("w", False), ("w", True)])
+def test_rows16_bitplane_zero_point_term_by_activation_grouping(act_group, asym):
+    """Layout version 3: the bit-plane term of the activations' zero point is one float32 per row
+    for per-token activations (the row's sum of dequantized weights), absent for symmetric
+    per-group ones, and int32 U − cnt·a per row and group for asymmetric per-group ones."""
+    if native.q8_kernel() != "rows16":
+        pytest.skip("the rows-in-lanes int8 kernel is not in use here (AVX-512 VNNI, ANYBIT_Q8_ROWS16)")
+    n, k, group = 37, 300, 64
+    act = ActSpec(8, group if act_group == "w" else -1, not asym)
+    q = QuantLinear.from_linear(linear(n, k), FormatSpec("bitplane", 3, group), act=act)
+    d = native._prep_bitplane_dots(q)
+    codes, scales, zeros = get_format("bitplane").unpack(q.packed(), q.spec, q.shape)
+    blocks = -(-n // 16)
+    if act_group == -1:
+        assert d["U"].dtype == torch.float32 and d["U"].shape == (blocks, 16)
+        rowsum = q.dequantize_weight().double().sum(1)
+        assert torch.allclose(d["U"].flatten()[:n].double(), rowsum, rtol=1e-5, atol=1e-5 * rowsum.abs().max())
+        assert not d["U"].flatten()[n:].any()
+    elif not asym:
+        assert d["U"].numel() == 0
+    else:
+        ng = -(-k // group)
+        cnt = torch.clamp(k - torch.arange(ng) * group, max=group)
+        u = torch.nn.functional.pad(codes.long(), (0, ng * group - k)).view(n, ng, group).sum(-1)
+        assert d["U"].dtype == torch.int32
+        assert torch.equal(d["U"], native.q8_rows16_values((u - cnt * zeros.long()).to(torch.int32)))
 
 
 def assert_plan_equals_parts(plan, mods: list, k: int) -> None:

@@ -436,9 +436,11 @@ def q8_layout_rows16(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def q8_rl_layout() -> int:
-    """The version of the rows16 layout the loaded build reads (anybit_q8_rl_layout): 2 = 1-bit
-    pieces in lines, float16 scales and uint8 zero points (bit-plane: and int32 U − cnt·a); 1
-    (older builds, loaded by benchmarks/ab_native.py) = 1-bit masks, float32 values."""
+    """The version of the rows16 layout the loaded build reads (anybit_q8_rl_layout): 3 = as 2,
+    the bit-plane U term only for activations with zero points per weight group (per token: one
+    float32 per row; symmetric per group: none); 2 = 1-bit pieces in lines, float16 scales and
+    uint8 zero points (bit-plane: and int32 U − cnt·a per group); 1 (older builds, loaded by
+    benchmarks/ab_native.py) = 1-bit masks, float32 values."""
     return int(_lib.anybit_q8_rl_layout()) if hasattr(_lib, "anybit_q8_rl_layout") else 1
 
 
@@ -779,10 +781,16 @@ def _prep_bitplane_dots(module):
     if bitplane_block_rows() == Q8_RL:
         d = (u - (torch.clamp(k - torch.arange(ng) * g, max=g)).double() * a).round()  # U − cnt·a
         if q8_rl_layout() >= 2:
-            # per block [G][16]: float16 sw, uint8 a and int32 U − cnt·a (bitplane_rows16 forms sw·a
-            # and sw·(U − cnt·a), version 1's float32 products): 7 bytes per row and group instead of 12
+            # per block [G][16]: float16 sw and uint8 a (bitplane_rows16 forms sw·a, version 1's
+            # float32 product), and the U − cnt·a term as bitplane_rows16 reads it
             assert torch.equal(sw.half().double(), sw) and int(a.max()) <= 255 and float(d.abs().max()) < 2 ** 24
             values = {"sw": scales.half(), "aw": zeros.to(torch.uint8), "U": d.to(torch.int32)}
+            if q8_rl_layout() >= 3 and module.act.group_size == -1:
+                # per-token activations: the row's Σ_g sw·(U − cnt·a) (its dequantized weights' sum),
+                # one float32 per row, taken once per token instead of per group
+                values["U"] = (sw * d).sum(1, keepdim=True).float()
+            elif q8_rl_layout() >= 3 and module.act.sym:  # symmetric per group: no zero point, no term
+                values["U"] = torch.zeros(n, 0)
         else:  # version 1: float32 sw, sw·a and sw·(U − cnt·a)
             values = {"sw": sw.float(), "aw": (sw * a).float(), "U": (sw * d).float()}
         return {"w": q8_layout_rows16(codes.to(torch.uint8), spec.bits), "rows": Q8_RL,

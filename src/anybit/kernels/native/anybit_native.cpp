@@ -250,9 +250,11 @@ int anybit_set_q8_rows16(int on) {
 
 // The version of the rows-in-lanes layout (kernels_q8_rows16.inc), which native.py reads to build
 // it: 2 = 1-bit pieces in 64-byte lines of 8 chunks, a group's narrowest piece first, float16
-// scales and uint8 zero points (bit-plane: and the int32 U − cnt·a). Builds without the function (1): 64-bit masks in the
+// scales and uint8 zero points (bit-plane: and the int32 U − cnt·a per group); 3 = as 2, but the
+// bit-plane U term only where activations have a zero point per weight group (per token: one
+// float32 per row; symmetric per group: none). Builds without the function (1): 64-bit masks in the
 // pieces' order, float32 scales and s·z (benchmarks/ab_native.py loads such builds)
-int anybit_q8_rl_layout(void) { return 2; }
+int anybit_q8_rl_layout(void) { return 3; }
 
 // Where VNNI is in use and the CPU has GFNI: 1 = the kernels compiled with it (Q8_GFNI), 0 = without
 // (anybit_set_q8_gfni; for comparisons and tests)
