@@ -161,6 +161,18 @@ def bcq_float_tables():
     native.set_bcq_mode(prev)
 
 
+def test_bcq_kernel_layout_keeps_alpha_float16():
+    """Layout version 2: the LUT-GEMM reads α as the format stores it (float16, so exactly the
+    checkpoint's values, half the bytes of float32), blocked [Npad/16, G, q, 16]; the offset
+    stays float32 (the integer-grid conversion needs it exact)."""
+    assert native.bcq_layout() == 2
+    q = QuantLinear.from_linear(linear(40, 96), FormatSpec("bcq", 3, 32), fit="greedy")
+    d = native._prep_bcq(q)
+    assert d["alpha"].dtype == torch.float16 and d["offset"].dtype == torch.float32
+    assert tuple(d["alpha"].shape) == (3, 3, 3, 16)  # 48 rows padded / 16, 3 groups, q, 16 rows
+    assert torch.equal(d["alpha"][1, 2, :, 7], q.alpha[16 + 7, 2])  # row 23, group 2, every bit
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("group", [32, 128, -1, 8])
 @pytest.mark.parametrize("fmt", ["bcq", "bcq16"])

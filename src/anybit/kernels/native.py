@@ -11,7 +11,7 @@ Each kernel takes the format's packed tensors in a kernel layout prepared once p
   * ``int`` / ``pot`` / ``potz``: the stored codes as they are; float32 scales (and ``s·z``;
     ``potz``: s/2, so that code m's exponent add of m gives s·2^(m−1));
   * ``bcq``: bit-planes blocked by 16 rows, then by pairs of chunks of 8 inputs,
-    ``[N/16, K/16, q, 2, 16]`` bytes; α and offsets blocked by 16 rows too;
+    ``[N/16, K/16, q, 2, 16]`` bytes; α (float16, as stored) and offsets blocked by 16 rows too;
   * ``bitplane``: planes as 64-bit words blocked by 8 rows, ``[N/8, G, b, W, 8]``, plus
     per-group code sums for the zero-point terms.
 Formats or specs a kernel does not cover (BCQ groups not a multiple of 8, INT weights
@@ -663,12 +663,19 @@ def _prep_bcq(module):
     # blocks of 16 rows, in a block pairs of chunks, in a pair every plane: [Npad/16, chunks/2, q, 2, 16]
     # (kernels_impl.inc, bcq_at: one sequential stream per block of rows)
     planes_b = planes.reshape(q, npad // 16, 16, -1, 2).permute(1, 3, 0, 4, 2).contiguous()
-    alpha = _pad_rows(module.alpha.float(), npad, 0)  # [Npad, G, q]
+    # α as the format stores it (float16, exact) where the build reads that (bcq_layout 2)
+    alpha = _pad_rows(module.alpha.to(torch.float16 if bcq_layout() >= 2 else torch.float32), npad, 0)  # [Npad, G, q]
     ng = alpha.shape[1]
     # blocks of 16 rows too: [Npad/16, G, q, 16] and [Npad/16, G, 16]
     alpha_t = alpha.reshape(npad // 16, 16, ng, q).permute(0, 2, 3, 1).contiguous()
     offset_t = _pad_rows(module.offset.float(), npad, 0).reshape(npad // 16, 16, ng).permute(0, 2, 1).contiguous()
     return {"planes": planes_b, "alpha": alpha_t, "offset": offset_t, "npad": npad, "bias": _bias(module)}
+
+
+def bcq_layout() -> int:
+    """The version of the BCQ coefficient layout the loaded build reads (anybit_bcq_layout): 2 = α
+    float16, 1 (older builds, loaded by benchmarks/ab_native.py) = α float32."""
+    return int(_lib.anybit_bcq_layout()) if hasattr(_lib, "anybit_bcq_layout") else 1
 
 
 def bcq_supported(module) -> bool:

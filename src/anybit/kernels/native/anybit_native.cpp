@@ -421,8 +421,13 @@ int anybit_set_bcq_int8(int mode) {
     return g_bcq_int8;
 }
 
+// The version of the LUT-GEMM's coefficient layout (native._prep_bcq): 2 = α as float16 (what
+// the format stores, so exact; half the bytes of version 1's float32 α: 9-14 % of a 2-3-bit
+// layer's traffic at g64-g128), the offset float32 in both.
+int anybit_bcq_layout(void) { return 2; }
+
 void anybit_bcq_gemm(const float* x, int64_t M, int64_t K, const uint8_t* planesT, int64_t Npad, int64_t N, int q,
-                     int64_t gsize, int64_t G, const float* alphaT, const float* offsetT, const float* bias, float* y,
+                     int64_t gsize, int64_t G, const uint16_t* alphaT, const float* offsetT, const float* bias, float* y,
                      int nthreads) {
     if (g_bcq_int8 == 2 && use_vnni() && isa_bcq_vnni::bcq_gemm_vnni_ok(q, gsize, G)) {
         isa_bcq_vnni::bcq_gemm_vnni(x, M, K, planesT, Npad, N, q, gsize, G, alphaT, offsetT, bias, y, nthreads);
@@ -476,7 +481,8 @@ struct AnybitLin {
     const float *scales, *szs;  // q8: scales, s·z | bit-plane: sw, zw
     const uint8_t* table;
     int64_t Npad;  // BCQ, bit-plane
-    const float *alpha, *offset;  // BCQ
+    const void* alpha;  // BCQ: α (float16) | bit-plane kind 3: U
+    const float* offset;  // BCQ
     int64_t W, wsigned, abits, asym, agroup;  // bit-plane
     const int64_t* wsum;
 };
@@ -506,7 +512,7 @@ static inline void lin_rows(const AnybitLin& p, const float* x, int64_t M, float
                                y, threads, p.table);
             break;
         case 1:
-            anybit_bcq_gemm(x, M, p.K, p.w, p.Npad, p.N, (int)p.bits, p.gsize, p.G, p.alpha, p.offset, p.bias, y,
+            anybit_bcq_gemm(x, M, p.K, p.w, p.Npad, p.N, (int)p.bits, p.gsize, p.G, (const uint16_t*)p.alpha, p.offset, p.bias, y,
                             threads);
             break;
         case 4:
@@ -514,7 +520,7 @@ static inline void lin_rows(const AnybitLin& p, const float* x, int64_t M, float
             break;
         case 3:
             anybit_bitplane_q8_gemm(x, M, p.K, p.w, p.row_bytes, (int)p.B, p.N, (int)p.bits, p.gsize, p.G, p.scales, p.szs,
-                                    p.alpha, (int)p.abits, (int)p.asym, p.agroup, p.bias, y, threads);
+                                    (const float*)p.alpha, (int)p.abits, (int)p.asym, p.agroup, p.bias, y, threads);
             break;
         default:
             anybit_bitplane_gemm(x, M, p.K, reinterpret_cast<const uint64_t*>(p.w), p.Npad, p.N, (int)p.bits,
