@@ -26,7 +26,7 @@ $A compare $W --methods abq --schemes W4A4G-1
 $A compare $W --methods flexq,flexq:a8=down_proj --schemes W6A6
 $A compare $W --methods flexq --schemes W6A16
 # the W+A baselines for ABQ-LLM's rows
-$A compare $W --methods rtn,smoothquant --schemes W4A4G-1,W6A6G-1,W2A8G-1
+$A compare $W --methods rtn,smoothquant --schemes 'W4A4G-1,W6A6G-1,W2A8G-1,W2*A8G-1'
 # GPTQ: dampening 0.05 (the default is 0.01), with act-order (the best order at W3 and W4 above) and natural
 $A compare $W --methods gptq:order=act:damp_percent=0.05,gptq:order=none:damp_percent=0.05 --schemes W3A16G128
 # GPTQ: the symmetric grid, absmax/(2^(b-1)-1) (ours) vs 2*absmax/(2^b-1) around zero 2^(b-1) (GPTQ's, 'range')
@@ -41,8 +41,8 @@ $A compare $W --methods gptq:order=none:damp_percent=0.01,gptq:order=act:damp_pe
 $A compare $W --methods potptq:steps=none,potptq:steps=init,potptq:steps=refine,potptq --schemes W2A16G64
 # ABQ-LLM W2*A8 (bit balance), 40 epochs
 $A compare $W --methods abq --schemes 'W2*A8G-1'
-# ABQ-LLM W6A6, W2A8 (no bit balance)
-$A compare $W --methods abq --schemes W6A6G-1,W2A8G-1
+# ABQ-LLM W2A8 (no bit balance: the pair of the row above), W6A6
+$A compare $W --methods abq --schemes W2A8G-1,W6A6G-1
 # PoTPTQ W2 g128 (40 epochs)
 $A compare $W --methods potptq --schemes W2A16G128
 # what the cut from 128 to 32 calibration windows costs, on one cell (PoTPTQ W3 g128)

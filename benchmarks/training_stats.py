@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/training_stats.py benchmarks/results/smollm2-budget [--plot FILE.png]
 
 Prints one markdown table per row (block output error before/after training, steps, and
-PoTPTQ's mean/max |Γ| or ABQ-LLM's clip factors σ(γ), σ(β), LET scale ratios to their
-initial values and Q/K scales), and with ``--plot`` a figure of the error ratio per block.
+PoTPTQ's mean/max |Γ| or ABQ-LLM's own error (against the float block on the same quantized
+inputs: what training can act on; rows from 2026-12-07 on), clip factors σ(γ), σ(β), LET
+scale ratios to their initial values and Q/K scales), and with ``--plot`` a figure of the error ratio per block.
 """
 
 from __future__ import annotations
@@ -32,18 +33,19 @@ def table(row: dict) -> str:
     if pot:
         head = "| block | error before | error after | ratio | steps | mean abs Γ | max abs Γ | epoch kept |\n|---|---|---|---|---|---|---|---|"
     else:
-        head = ("| block | error before | error after | ratio | steps | loss first / last epoch | σ(γ) min/mean/max "
-                "| σ(β) min/mean/max | LET scale / init min/mean/max | Q/K scale min/mean/max | DC max abs a |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|")
+        head = ("| block | error before | error after | ratio | own error before / after | steps | loss first / last epoch "
+                "| σ(γ) min/mean/max | σ(β) min/mean/max | LET scale / init min/mean/max | Q/K scale min/mean/max | DC max abs a |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"**{row['method']} {row['scheme']}** (ppl {fmt(next(iter(row.get('ppl', {}).values()), None), 4)}, "
              f"quantize {fmt(row.get('quantize_s'), 4)} s, peak RSS {fmt(row.get('peak_rss_mib'))} MiB)", "", head]
     for b in blocks:
         ratio = b["error_after"] / b["error_before"] if b.get("error_before") else None
-        common = f"| {b['block']} | {fmt(b['error_before'])} | {fmt(b['error_after'])} | {fmt(ratio)} | {b['steps']} |"
+        common = f"| {b['block']} | {fmt(b['error_before'])} | {fmt(b['error_after'])} | {fmt(ratio)} |"
         if pot:
-            lines.append(f"{common} {fmt(b['gamma_abs_mean'])} | {fmt(b['gamma_abs_max'])} | {b.get('kept_epoch', '–')} |")
+            lines.append(f"{common} {b['steps']} | {fmt(b['gamma_abs_mean'])} | {fmt(b['gamma_abs_max'])} | {b.get('kept_epoch', '–')} |")
         else:
-            lines.append(f"{common} {fmt(b.get('loss_first_epoch'))} / {fmt(b.get('loss_last_epoch'))} | "
+            lines.append(f"{common} {fmt(b.get('own_error_before'))} / {fmt(b.get('own_error_after'))} | {b['steps']} | "
+                         f"{fmt(b.get('loss_first_epoch'))} / {fmt(b.get('loss_last_epoch'))} | "
                          f"{rng(b.get('clip_gamma'))} | {rng(b.get('clip_beta'))} | {rng(b.get('let_ratio'))} | "
                          f"{rng(b.get('qk_scale'))} | {fmt(b.get('dc_a_abs_max'))} |")
     return "\n".join(lines)
