@@ -50,5 +50,8 @@ $A compare ${W/--nsamples 32/--nsamples 128}-128 --methods potptq --schemes W3A1
 # PoTPTQ with the paper's plain format (pot, no zero level)
 $A compare $W --methods potptq:zero_level=false --schemes W3A16G128,W2A16G128
 $A compare $W --methods potptq:zero_level=false:steps=none,potptq:zero_level=false:steps=init,potptq:zero_level=false:steps=refine,potptq:zero_level=false --schemes W2A16G64
+# beyond the paper: ABQ-LLM's loss without window position 0, where SmolLM2 keeps one massive
+# activation (benchmarks/massive_activations.py) that dominates the MSE from block 11 on
+$A compare $W --methods abq:skip_positions=1 --schemes 'W2*A8G-1'
 $A report benchmarks/results/smollm2-budget --paper benchmarks/paper_budget.json \
   --title "SmolLM2-135M (Q4_1-dequantized), papers' epoch counts, C4 32 x 512"

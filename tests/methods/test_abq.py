@@ -187,3 +187,44 @@ def test_skipping_a_member_of_a_let_pair_keeps_the_function(skip):
         return float((a - b).pow(2).mean() / b.pow(2).mean())
 
     assert err((skip,)) < 2 * err(())
+
+
+@pytest.mark.parametrize("kind", ["official", "mse"])
+def test_block_loss_skip_leaves_the_first_positions_out(kind):
+    """With skip=k the loss does not see positions < k (a massive activation there would
+    otherwise dominate the MSE) and still sees every later one."""
+    from anybit.methods.abq import block_loss, kl_maps
+
+    g = torch.Generator().manual_seed(0)
+    y, y_fp, y_fp2 = (torch.randn(2, 7, 5, generator=g) for _ in range(3))
+    p = torch.softmax(torch.randn(2, 7, 7, generator=g), -1)
+    q = torch.softmax(torch.randn(2, 7, 7, generator=g), -1)
+
+    def loss(yy, skip):
+        return block_loss(yy, y_fp, y_fp2, kind, kl_maps, p, q, skip)
+
+    moved0 = y.clone()
+    moved0[:, 0] += 1e3
+    moved3 = y.clone()
+    moved3[:, 3] += 1.0
+    assert torch.equal(loss(moved0, 1), loss(y, 1))
+    assert loss(moved0, 0) > 10 * loss(y, 0)
+    assert loss(moved3, 1) != loss(y, 1)
+    assert not torch.equal(loss(y, 2), loss(y, 0))
+
+
+def test_skip_positions_must_leave_part_of_the_window():
+    cfg = anybit.QuantConfig("abq", wbits=4, abits=8, group_size=32, options={"epochs": 1, "skip_positions": 32})
+    with pytest.raises(AnybitError, match="skip_positions=32 leaves nothing"):
+        anybit.quantize(tiny_model("llama"), cfg, _cal(t=32), progress=False)
+
+
+def test_skip_positions_trains_a_different_model():
+    def run(skip):
+        m = tiny_model("llama")
+        cfg = anybit.QuantConfig("abq", wbits=4, abits=8, group_size=32, options={"epochs": 2, "skip_positions": skip})
+        anybit.quantize(m, cfg, _cal(), progress=False)
+        return m.state_dict()
+
+    a, b = run(0), run(1)
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -29,6 +29,9 @@ a softmax of probabilities is nearly uniform, and the mean divides by T²);
 ``kl="maps"`` is the KL of the maps themselves (mean over query positions);
 ``kl="none"`` drops it (and needs no maps: the fast SDPA path). ``loss="mse"`` is
 OmniQuant's ``MSE(Y_fp, Y_q)`` alone.
+``skip_positions=N`` (not in the official code; default 0) leaves the first N positions of
+each window out of the output terms: on SmolLM2 one value at position 0 holds 71-97 % of Σh²
+from block 11 on, so the MSE measures little else (docs/weight_activation.md).
 Activations: dynamic per token, asymmetric, at ``abits``; Q, K and V also at ``abits``
 (:mod:`anybit.nn.attention`); the softmax output stays in float. AdamW (weight decay 0),
 lr 5e-3 (LET, Q/K), 1e-2 (LWC, DC); 20 epochs, 40 for W2 settings and W8A8; batch 1;
@@ -352,6 +355,25 @@ def _neg_log_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -torch.log(F.cosine_similarity(a, b, dim=-1).mean().abs() + 1e-8)
 
 
+def block_loss(y: torch.Tensor, y_fp: torch.Tensor, y_fp2: torch.Tensor | None, kind: str = "official",
+               kl=None, p_fp: torch.Tensor | None = None, p_q: torch.Tensor | None = None,
+               skip: int = 0) -> torch.Tensor:
+    """The training loss of one step on block outputs ``[B, T, D]``: OmniQuant's
+    ``MSE(Y_fp, Y_q)`` (``kind="mse"``) or the official sum (module docstring) with the
+    attention term ``kl(p_fp, p_q)`` where given. ``skip`` leaves the first ``skip``
+    positions of each window out of the output terms (the maps stay whole): where one
+    position carries a massive activation (SmolLM2: position 0, ~26,000 in one channel,
+    71-97 % of Σh² from block 11 on) the MSE measures little else."""
+    y, y_fp = y[:, skip:], y_fp[:, skip:]
+    if kind == "mse":
+        return F.mse_loss(y, y_fp)
+    y_fp2 = y_fp2[:, skip:]
+    loss = F.mse_loss(y, y_fp) + F.mse_loss(y, y_fp2) + _neg_log_cos(y, y_fp) + _neg_log_cos(y, y_fp2)
+    if kl is not None and p_q is not None:
+        loss = loss + kl(p_fp, p_q)
+    return loss
+
+
 def _qk_transform(adapter: Adapter, block: nn.Module) -> tuple[str, str, QKScale] | None:
     """The Q/K transform for ``block``'s attention, or None where it would not be exact."""
     attn = attention_modules(block)
@@ -391,6 +413,9 @@ class ABQOptions(Options):
                     choices=LOSSES)
     kl: str = opt("official", "attention-map KL term: the official form (numerically ~0), the maps' own KL, "
                   "or none", choices=KLS)
+    skip_positions: int = opt(0, "leave the first N positions of each window out of the loss's output terms "
+                              "(0: all, as the official code; 1 drops SmolLM2's massive-activation position)",
+                              check=lambda v: v >= 0, must=">= 0")
 
 
 class ABQ(Method):
@@ -407,7 +432,10 @@ class ABQ(Method):
         use_let, use_lwc, use_dc, use_qk = o.let, o.lwc, o.dc, o.qk
         epochs = o.epochs if o.epochs is not None else default_epochs(config)
         lr_let, lr_lwc, lr_dc = o.lr_let, o.lr_lwc, o.lr_dc
-        batch, amp, loss_kind, kl_kind = o.batch, resolve_amp(o.amp), o.loss, o.kl
+        batch, amp, loss_kind, kl_kind, skip = o.batch, resolve_amp(o.amp), o.loss, o.kl, o.skip_positions
+        if calibration is not None and skip >= calibration.shape[1]:
+            raise AnybitError(f"abq: skip_positions={skip} leaves nothing of the {calibration.shape[1]}-token "
+                              f"calibration windows; lower it below --seqlen")
         qkv = ActSpec(config.abits, -1, False) if config.abits < 16 and o.qkv else None
         n_blocks = len(adapter.get_blocks(model))
         enable(model)  # attention through anybit's function: Q/K/V quantization and map capture
@@ -506,14 +534,10 @@ class ABQ(Method):
             def step_loss(idx) -> torch.Tensor:
                 act_cache.clear()
                 y, p_q = run_block(block, inputs.hidden[idx], inputs.kwargs, want_maps)
-                y = y.float()
-                if not official:
-                    return F.mse_loss(y, y_fp[idx])
-                loss = (F.mse_loss(y, y_fp[idx]) + F.mse_loss(y, y_fp2[idx])
-                        + _neg_log_cos(y, y_fp[idx]) + _neg_log_cos(y, y_fp2[idx]))
-                if p_q is not None:
-                    loss = loss + (kl_official if kl_kind == "official" else kl_maps)(p_fp[idx].float(), p_q.float())
-                return loss
+                return block_loss(y.float(), y_fp[idx], y_fp2[idx], loss_kind,
+                                  kl_official if kl_kind == "official" else kl_maps,
+                                  p_fp[idx].float() if p_q is not None else None,
+                                  p_q.float() if p_q is not None else None, skip)
 
             def quantized_errors() -> tuple[float, float]:
                 """Relative output error vs the float chain and vs the float block (own)."""
