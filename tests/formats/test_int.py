@@ -125,7 +125,7 @@ def test_row_blocks_give_the_whole_matrix_result(monkeypatch, sym):
     shrink = 0.8 + 0.2 * torch.rand(37, 3, generator=g)
     whole = fmt.quantize(w, spec, shrink=shrink)
     whole_w = fmt.dequantize(whole, spec, (37, 70))
-    monkeypatch.setattr(intfmt, "_rows_per_chunk", lambda k: 5)
+    monkeypatch.setattr(intfmt, "rows_per_chunk", lambda k: 5)
     blocks = fmt.quantize(w, spec, shrink=shrink)
     assert whole.keys() == blocks.keys() and all(torch.equal(whole[n], blocks[n]) for n in whole)
     assert torch.equal(fmt.dequantize(blocks, spec, (37, 70)), whole_w)

@@ -59,6 +59,12 @@ def num_groups(group_size: int, k: int) -> int:
     return math.ceil(k / effective_group_size(group_size, k))
 
 
+def rows_per_chunk(k: int) -> int:
+    """Rows of a ``[n, k]`` matrix per pass of the row-blocked loops (quantize, dequantize,
+    error sums): ~4M elements, 16 MB per float32 temporary, so large layers stay small."""
+    return max(1, (1 << 22) // max(k, 1))
+
+
 def expand_groups(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
     """Repeat per-group values ``[..., G]`` to per-column values ``[..., K]`` (ragged last group)."""
     g = effective_group_size(group_size, k)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from . import bitpack
-from .base import FormatSpec, WeightFormat, expand_groups, grouped, num_groups
+from .base import FormatSpec, WeightFormat, expand_groups, grouped, num_groups, rows_per_chunk
 
 SCALE_DTYPE = torch.float16
 # smallest scale kept: float16 subnormals below this lose precision
@@ -147,8 +147,8 @@ class IntFormat(WeightFormat):
         n, k = w.shape
         codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
         all_s, all_z = [], []
-        for r0 in range(0, n, _rows_per_chunk(k)):
-            rows = slice(r0, r0 + _rows_per_chunk(k))
+        for r0 in range(0, n, rows_per_chunk(k)):
+            rows = slice(r0, r0 + rows_per_chunk(k))
             if scales is None:
                 sh = shrink[rows] if isinstance(shrink, torch.Tensor) and shrink.dim() == 2 else shrink
                 s, z = group_params(w[rows], spec, sh, sym_rule)
@@ -163,11 +163,7 @@ class IntFormat(WeightFormat):
         codes, scales, zeros = self.unpack(packed, spec, shape)
         n, k = shape
         out = torch.empty(n, k, dtype=torch.float32, device=codes.device)
-        for r0 in range(0, n, _rows_per_chunk(k)):  # row blocks, as quantize
-            rows = slice(r0, r0 + _rows_per_chunk(k))
+        for r0 in range(0, n, rows_per_chunk(k)):  # row blocks, as quantize
+            rows = slice(r0, r0 + rows_per_chunk(k))
             out[rows] = decode(codes[rows], scales[rows], zeros[rows], spec)
         return out
-
-
-def _rows_per_chunk(k: int) -> int:
-    return max(1, (1 << 22) // max(k, 1))  # ~4M elements: 16 MB per float32 temporary

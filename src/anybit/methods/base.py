@@ -13,6 +13,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import AnybitError
 from ..formats import ActSpec, FormatSpec, get_format
+from ..formats.base import rows_per_chunk
 from ..models import Adapter
 from .options import Options
 
@@ -161,7 +162,7 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """‖W - Ŵ‖² / ‖W‖² (0 for an all-zero weight); in blocks of rows, so that a large
     layer's temporaries stay small."""
     num = den = 0.0
-    step = max(1, (1 << 22) // max(w.shape[-1], 1))
+    step = rows_per_chunk(w.shape[-1])
     for r0 in range(0, w.shape[0], step):
         a = w[r0: r0 + step].float()
         den += a.pow(2).sum().item()
