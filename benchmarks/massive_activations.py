@@ -15,8 +15,7 @@ import argparse
 
 import torch
 
-from anybit.data.text import load_text
-from anybit.data.tokens import calibration_windows
+from anybit.data import calibration_windows, load_text
 from anybit.models.adapters import get_adapter
 from anybit.models.loader import load_model
 
@@ -31,38 +30,34 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model(args.model)
     ids = calibration_windows(lm.tokenizer, load_text(args.calib, "train"), args.nsamples, args.seqlen, args.seed)
-    energy = top_channel = pos0 = None
-    peak = []
+    blocks = get_adapter(lm.model).get_blocks(lm.model)
+    n, d = len(blocks), lm.model.config.hidden_size
+    energy, pos0, channel = torch.zeros(n), torch.zeros(n), torch.zeros(n, d)  # Σh², at position 0, per channel
+    peak = [(0.0, 0, 0)] * n  # largest |h|, its position and channel
     outs: list[torch.Tensor] = []
     # hooks, not output_hidden_states: its last entry is after the final norm
-    for block in get_adapter(lm.model).get_blocks(lm.model):
+    for block in blocks:
         block.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
     with torch.inference_mode():
         for s in range(0, ids.shape[0], 4):  # 4 windows at a time keeps the hidden states small
             outs.clear()
             lm.model(ids[s: s + 4])
-            hs = list(outs)
-            sq = [h.float().pow(2) for h in hs]
-            e = torch.stack([q.sum() for q in sq])
-            ch = torch.stack([q.sum((0, 1)) for q in sq])  # [blocks, channels]
-            p0 = torch.stack([q[:, 0].sum() for q in sq])
-            energy = e if energy is None else energy + e
-            top_channel = ch if top_channel is None else top_channel + ch
-            pos0 = p0 if pos0 is None else pos0 + p0
-            for i, h in enumerate(hs):
+            for i, h in enumerate(outs):
+                sq = h.float().pow(2)
+                energy[i] += sq.sum()
+                pos0[i] += sq[:, 0].sum()
+                channel[i] += sq.sum((0, 1))
                 a = h.abs()
-                v = a.max().item()
-                if len(peak) <= i:
-                    peak.append((0.0, 0, 0))
-                if v > peak[i][0]:
-                    _, t, c = (a == a.max()).nonzero()[0].tolist()
-                    peak[i] = (v, t, c)
+                v, flat = a.flatten().max(0)  # the first largest, in (window, position, channel) order
+                if v.item() > peak[i][0]:
+                    _, t, c = torch.unravel_index(flat, a.shape)
+                    peak[i] = (v.item(), int(t), int(c))
     print(f"{args.model}, {args.calib} {args.nsamples} x {args.seqlen}, seed {args.seed}\n")
     print("| block | max abs h | at position, channel | share of Σh² in the top channel | share at position 0 |")
     print("|---|---|---|---|---|")
-    for i in range(len(peak)):
-        c = int(top_channel[i].argmax())
-        print(f"| {i} | {peak[i][0]:.4g} | {peak[i][1]}, {peak[i][2]} | {top_channel[i, c] / energy[i]:.3f} (ch {c}) "
+    for i in range(n):
+        c = int(channel[i].argmax())
+        print(f"| {i} | {peak[i][0]:.4g} | {peak[i][1]}, {peak[i][2]} | {channel[i, c] / energy[i]:.3f} (ch {c}) "
               f"| {pos0[i] / energy[i]:.3f} |")
 
 

@@ -433,6 +433,7 @@ class ABQ(Method):
         epochs = o.epochs if o.epochs is not None else default_epochs(config)
         lr_let, lr_lwc, lr_dc = o.lr_let, o.lr_lwc, o.lr_dc
         batch, amp, loss_kind, kl_kind, skip = o.batch, resolve_amp(o.amp), o.loss, o.kl, o.skip_positions
+        kl_fn = kl_official if kl_kind == "official" else kl_maps
         if calibration is not None and skip >= calibration.shape[1]:
             raise AnybitError(f"abq: skip_positions={skip} leaves nothing of the {calibration.shape[1]}-token "
                               f"calibration windows; lower it below --seqlen")
@@ -534,8 +535,7 @@ class ABQ(Method):
             def step_loss(idx) -> torch.Tensor:
                 act_cache.clear()
                 y, p_q = run_block(block, inputs.hidden[idx], inputs.kwargs, want_maps)
-                return block_loss(y.float(), y_fp[idx], y_fp2[idx], loss_kind,
-                                  kl_official if kl_kind == "official" else kl_maps,
+                return block_loss(y.float(), y_fp[idx], y_fp2[idx], loss_kind, kl_fn,
                                   p_fp[idx].float() if p_q is not None else None,
                                   p_q.float() if p_q is not None else None, skip)
 
