@@ -43,10 +43,10 @@ $A compare $W --methods potptq:steps=none,potptq:steps=init,potptq:steps=refine,
 $A compare $W --methods abq --schemes 'W2*A8G-1'
 # ABQ-LLM W2A8 (no bit balance: the pair of the row above), W6A6
 $A compare $W --methods abq --schemes W2A8G-1,W6A6G-1
-# PoTPTQ W2 g128 (40 epochs)
-$A compare $W --methods potptq --schemes W2A16G128
 # what the cut from 128 to 32 calibration windows costs, on one cell (PoTPTQ W3 g128)
 $A compare ${W/--nsamples 32/--nsamples 128}-128 --methods potptq --schemes W3A16G128
+# PoTPTQ W2 g128 (40 epochs)
+$A compare $W --methods potptq --schemes W2A16G128
 # PoTPTQ with the paper's plain format (pot, no zero level)
 $A compare $W --methods potptq:zero_level=false --schemes W3A16G128,W2A16G128
 $A compare $W --methods potptq:zero_level=false:steps=none,potptq:zero_level=false:steps=init,potptq:zero_level=false:steps=refine,potptq:zero_level=false --schemes W2A16G64
