@@ -30,7 +30,8 @@ if os.environ.get("ANYBIT_NO_NATIVE") != "1":
         sources=["src/anybit/kernels/native/anybit_native.cpp"],
         depends=["src/anybit/kernels/native/kernels_impl.inc", "src/anybit/kernels/native/kernels_q8.inc",
                  "src/anybit/kernels/native/kernels_decode.inc", "src/anybit/kernels/native/kernels_bcq_vnni.inc",
-                 "src/anybit/kernels/native/kernels_q8_rows16.inc"],
+                 "src/anybit/kernels/native/kernels_q8_rows16.inc",
+                 "src/anybit/kernels/native/kernels_train.inc"],
         language="c++",
         # per-ISA code is selected with #pragma GCC target inside the file, not with -m flags;
         # -fno-trapping-math (no FP exception is ever read) lets float clamps become selects,

@@ -90,6 +90,9 @@ def _load():
         lib.anybit_silu_mul.argtypes = [p, i64, i64, p]
         lib.anybit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, c_float, p]
         lib.anybit_lin_call.argtypes = [p, p, p]
+        if hasattr(lib, "anybit_pot_fake_weight"):  # older builds (benchmarks/ab_native.py loads them) lack it
+            lib.anybit_pot_fake_weight.argtypes = [p, p, p, p, p, i64, i64, i64, i64, c_int, c_int, p, p, p, c_int]
+            lib.anybit_pot_fake_weight.restype = None
         if hasattr(lib, "anybit_lin_rows"):  # older builds (benchmarks/ab_native.py loads them) lack it
             lib.anybit_lin_rows.argtypes = [p, p, i64, p, c_int]
             lib.anybit_lin_rows.restype = None
@@ -234,6 +237,36 @@ PARALLEL_MIN_WORK = 1 << 20
 
 def _threads(work: int = PARALLEL_MIN_WORK) -> int:
     return torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
+
+
+def has_pot_fake_weight() -> bool:
+    """Whether the native PoTPTQ training pass (:func:`pot_fake_weight`) is built."""
+    lib = _load()
+    return lib is not None and hasattr(lib, "anybit_pot_fake_weight")
+
+
+def pot_fake_weight(log_abs: torch.Tensor, sign: torch.Tensor, s_hat: torch.Tensor, k: int, top: int, zero: bool,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """PoTPTQ's training-time weight ``Ŝ · sign · 2^e`` with ``e = clamp(round(log2|w| − log2 Ŝ),
+    0, top)`` (0 where ``zero`` and ``log2|w| − log2 Ŝ < −1``) in one native pass: returns
+    the levels ``sign · 2^e`` ``[N, G, g]`` (float32) and the weight ``[N, k]`` in ``dtype``
+    (float32 or bfloat16), equal bit for bit to the PyTorch expression; None where the
+    kernel is not built or the dtype is another (the caller computes it in PyTorch)."""
+    if not has_pot_fake_weight() or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    n, g, gs = log_abs.shape
+    log_abs, sign = log_abs.float().contiguous(), sign.float().contiguous()
+    s_hat = s_hat.detach().float().contiguous()
+    lr = torch.log2(s_hat.clamp_min(1e-30))
+    lz = torch.log2(s_hat)
+    levels = torch.empty(n, g, gs, dtype=torch.float32)
+    w = torch.empty(n, k, dtype=dtype)
+    is16 = dtype == torch.bfloat16
+    _lib.anybit_pot_fake_weight(log_abs.data_ptr(), sign.data_ptr(), lr.data_ptr(), lz.data_ptr(), s_hat.data_ptr(),
+                                n, g, gs, k, int(top), int(zero), levels.data_ptr(),
+                                None if is16 else w.data_ptr(), w.data_ptr() if is16 else None,
+                                torch.get_num_threads() if n * g * gs >= 1 << 16 else 1)
+    return levels, w
 
 
 def _group(spec, k: int) -> tuple[int, int]:

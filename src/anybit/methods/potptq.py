@@ -41,6 +41,7 @@ from ..config import QuantConfig
 from ..formats import FormatSpec, get_format
 from ..formats import pot
 from ..formats.base import grouped
+from ..kernels import native
 from ..models import Adapter
 from ..nn import QuantLinear
 from ..nn.attention import enable as enable_attention
@@ -77,11 +78,35 @@ class _ScaleTimesLevels(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_w):
         (levels,) = ctx.saved_tensors
-        n, g, gs = levels.shape
-        pad = g * gs - ctx.k
-        if pad:
-            grad_w = F.pad(grad_w, (0, pad))
-        return (grad_w.reshape(n, g, gs) * levels).sum(-1), None, None, None
+        return _scale_grad(grad_w, levels, ctx.k), None, None, None
+
+
+def _scale_grad(grad_w: torch.Tensor, levels: torch.Tensor, k: int) -> torch.Tensor:
+    """``Σ_group dW̃ ⊙ P``: the gradient to the per-group scales of ``W̃ = expand(Ŝ) ⊙ P``."""
+    n, g, gs = levels.shape
+    grad_w = grad_w.float()  # exact: a bfloat16 gradient as autocast's cast would return it
+    pad = g * gs - k
+    if pad:
+        grad_w = F.pad(grad_w, (0, pad))
+    return (grad_w.reshape(n, g, gs) * levels).sum(-1)
+
+
+class _NativePoTWeight(torch.autograd.Function):
+    """:meth:`PoTFakeLinear.fake_weight` (``straight_through="scale"``) in one native pass
+    (:func:`anybit.kernels.native.pot_fake_weight`), the weight already in the dtype the
+    linear multiplies in; values and gradient equal the PyTorch path's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, s_hat, log_abs, sign, k: int, top: int, zero: bool, dtype):
+        levels, w = native.pot_fake_weight(log_abs, sign, s_hat, k, top, zero, dtype)
+        ctx.save_for_backward(levels)
+        ctx.k = k
+        return w
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        (levels,) = ctx.saved_tensors
+        return _scale_grad(grad_w, levels, ctx.k), None, None, None, None, None, None
 
 
 class PoTFakeLinear(nn.Module):
@@ -109,7 +134,7 @@ class PoTFakeLinear(nn.Module):
     def current_scales(self) -> torch.Tensor:
         return self.scales * (1 + self.gamma)
 
-    def fake_weight(self) -> torch.Tensor:
+    def fake_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``Ŝ · sign · 2^e`` with ``e`` recomputed from ``Ŝ``. The gradient reaches Ŝ through
         the product with the exponent held fixed (``straight_through="scale"``, default). A
         straight-through estimator on the rounding of ``log2(|w|/Ŝ)`` instead
@@ -117,6 +142,9 @@ class PoTFakeLinear(nn.Module):
         and only clamped weights (rounded exponent outside 0..E) move Ŝ: measured in
         docs/potptq.md."""
         s_hat = self.current_scales()
+        if self.straight_through == "scale" and dtype in (torch.float32, torch.bfloat16) and native.has_pot_fake_weight():
+            return _NativePoTWeight.apply(s_hat, self.log_abs, self.sign, self.k, pot.top_exponent(self.spec),
+                                          pot.has_zero(self.spec), dtype)
         with torch.no_grad():
             r = torch.round(self.log_abs - torch.log2(s_hat.clamp_min(1e-30)).unsqueeze(-1))
             top = pot.top_exponent(self.spec)
@@ -124,10 +152,13 @@ class PoTFakeLinear(nn.Module):
             if pot.has_zero(self.spec):  # |w|/Ŝ < 1/2, i.e. log2 < −1: the zero level
                 levels = torch.where(self.log_abs - torch.log2(s_hat).unsqueeze(-1) < -1, 0.0, levels)
             grad_mask = ((r < 0) | (r > top)).float() if self.straight_through == "log" else None
-        return _ScaleTimesLevels.apply(s_hat, levels, grad_mask, self.k)
+        return _ScaleTimesLevels.apply(s_hat, levels, grad_mask, self.k).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.fake_weight().to(x.dtype), self.bias)
+        # the dtype the linear will multiply in (autocast casts a float32 weight to it)
+        bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return F.linear(x, self.fake_weight(torch.bfloat16 if bf16 else x.dtype), self.bias)
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,24 @@ static constexpr int kLanes = 8;  // float lanes of a vector register
 }  // namespace dec_avx2
 #pragma GCC pop_options
 
+namespace train_portable {
+#include "kernels_train.inc"
+}  // namespace train_portable
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace train_avx512 {
+#include "kernels_train.inc"
+}  // namespace train_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace train_avx2 {
+#include "kernels_train.inc"
+}  // namespace train_avx2
+#pragma GCC pop_options
+
 static int g_isa = -1;
 
 extern "C" {
@@ -466,6 +484,18 @@ void anybit_attn_decode(float* q, float* k, const float* v, float* kc, float* vc
 
 void anybit_silu_mul(const float* gu, int64_t rows, int64_t n, float* out) {
     DISPATCH_DEC(silu_mul(gu, rows, n, out))
+}
+
+// block-training operators (kernels_train.inc); w32 or w16 (bfloat16 bits) receives the weight
+void anybit_pot_fake_weight(const float* log_abs, const float* sign, const float* lr, const float* lz,
+                            const float* s, int64_t n, int64_t g, int64_t gs, int64_t k, int top, int zero,
+                            float* levels, float* w32, uint16_t* w16, int nthreads) {
+    if (anybit_get_isa() == 2)
+        train_avx512::pot_fake_weight(log_abs, sign, lr, lz, s, n, g, gs, k, top, zero, levels, w32, w16, nthreads);
+    else if (anybit_get_isa() == 1)
+        train_avx2::pot_fake_weight(log_abs, sign, lr, lz, s, n, g, gs, k, top, zero, levels, w32, w16, nthreads);
+    else
+        train_portable::pot_fake_weight(log_abs, sign, lr, lz, s, n, g, gs, k, top, zero, levels, w32, w16, nthreads);
 }
 
 // One prepared linear of the native decoding step (native.lin_struct builds it): kind 0 the
