@@ -119,7 +119,9 @@ class _PerTokenFakeQuant(torch.autograd.Function):
     backward written out (training: ABQ-LLM's activations and Q/K/V). The gradient equals
     autograd's on the plain expression of :func:`fake_quantize`: to ``x`` where the code is
     not clamped, and through the scale ``s = (max⁺ − min⁻)/(2^b − 1)`` to each token's
-    largest and smallest entry (``z = round(−min/s)`` has no gradient, as there)."""
+    largest and smallest entry (``z = round(−min/s)`` has no gradient, as there). The
+    backward runs as two native passes where they are built
+    (:func:`anybit.kernels.native.fq_backward`; equal to float32 rounding)."""
 
     @staticmethod
     def forward(ctx, x, bits: int):
@@ -138,6 +140,18 @@ class _PerTokenFakeQuant(torch.autograd.Function):
     def backward(ctx, gy):
         x, xmax, xmin, s_raw, s, z = ctx.saved_tensors
         levels = ctx.levels
+        from ..kernels import native  # here: kernels import formats
+
+        if x.dtype in (torch.float32, torch.bfloat16) and native.has_fq_backward():
+            # the same sums in one native pass (summed in another order than below)
+            k = x.shape[-1]
+            x2 = x.reshape(-1, k)
+            xmax, xmin, s_raw = xmax.reshape(-1), xmin.reshape(-1), s_raw.reshape(-1)
+            gx, gs, _, nmax, nmin = native.fq_backward(x2, gy.reshape(-1, k), s.reshape(-1), z.reshape(-1),
+                                                       xmax, xmin, levels)
+            gs = gs * (s_raw >= _MIN_SCALE) / levels
+            native.fq_add_extremes(gx, x2, xmax, xmin, gs * (xmax >= 0) / nmax, -gs * (xmin <= 0) / nmin)
+            return gx.view(x.shape).to(x.dtype), None
         xf, gy = x.float(), gy.float()
         u = xf / s
         cpre = torch.round(u) + z

@@ -93,6 +93,10 @@ def _load():
         if hasattr(lib, "anybit_pot_fake_weight"):  # older builds (benchmarks/ab_native.py loads them) lack it
             lib.anybit_pot_fake_weight.argtypes = [p, p, p, p, p, i64, i64, i64, i64, c_int, c_int, p, p, p, c_int]
             lib.anybit_pot_fake_weight.restype = None
+            lib.anybit_fq_backward.argtypes = [p, p, p, p, p, p, i64, i64, c_int, p, p, p, p, p, c_int]
+            lib.anybit_fq_backward.restype = None
+            lib.anybit_fq_add_extremes.argtypes = [p, p, p, p, p, i64, i64, p, c_int]
+            lib.anybit_fq_add_extremes.restype = None
         if hasattr(lib, "anybit_lin_rows"):  # older builds (benchmarks/ab_native.py loads them) lack it
             lib.anybit_lin_rows.argtypes = [p, p, i64, p, c_int]
             lib.anybit_lin_rows.restype = None
@@ -265,8 +269,47 @@ def pot_fake_weight(log_abs: torch.Tensor, sign: torch.Tensor, s_hat: torch.Tens
     _lib.anybit_pot_fake_weight(log_abs.data_ptr(), sign.data_ptr(), lr.data_ptr(), lz.data_ptr(), s_hat.data_ptr(),
                                 n, g, gs, k, int(top), int(zero), levels.data_ptr(),
                                 None if is16 else w.data_ptr(), w.data_ptr() if is16 else None,
-                                torch.get_num_threads() if n * g * gs >= 1 << 16 else 1)
+                                _train_threads(n * g * gs))
     return levels, w
+
+
+def has_fq_backward() -> bool:
+    """Whether the native fake-quantizer backward (:func:`fq_backward`) is built."""
+    lib = _load()
+    return lib is not None and hasattr(lib, "anybit_fq_backward")
+
+
+def fq_backward(x: torch.Tensor, gy: torch.Tensor, s: torch.Tensor, z: torch.Tensor, xmax: torch.Tensor,
+                xmin: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """One pass of the backward of ``y = (clamp(round(x/s) + z, 0, top) − z)·s`` (straight-
+    through rounding) over ``x`` and ``gy`` ``[groups, g]`` with per-group ``s, z, xmax, xmin``
+    ``[groups]``: the gradient where the code is not clamped ``gx`` (0 where it is), and per
+    group ``Σ gy·(c − z) − Σ gx·x/s`` (the scale's direct term), ``Σ (gy − gx)`` (the clamped
+    part) and the counts of entries equal to the max and to the min. float32."""
+    groups, g = x.shape
+    x, gy = x.float().contiguous(), gy.float().contiguous()
+    s, z, xmax, xmin = (t.float().contiguous() for t in (s, z, xmax, xmin))
+    gx = torch.empty_like(x)
+    ds, gzp, nmax, nmin = (torch.empty(groups) for _ in range(4))
+    _lib.anybit_fq_backward(x.data_ptr(), gy.data_ptr(), s.data_ptr(), z.data_ptr(), xmax.data_ptr(),
+                            xmin.data_ptr(), groups, g, int(top), gx.data_ptr(), ds.data_ptr(), gzp.data_ptr(),
+                            nmax.data_ptr(), nmin.data_ptr(), _train_threads(x.numel()))
+    return gx, ds, gzp, nmax, nmin
+
+
+def fq_add_extremes(gx: torch.Tensor, x: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor,
+                    add_max: torch.Tensor, add_min: torch.Tensor) -> None:
+    """In place: ``gx += add_max`` where ``x`` equals its group's max, ``+= add_min`` where it
+    equals the min (``gx`` from :func:`fq_backward`, the others as there)."""
+    groups, g = x.shape
+    x = x.float().contiguous()
+    xmax, xmin, add_max, add_min = (t.float().contiguous() for t in (xmax, xmin, add_max, add_min))
+    _lib.anybit_fq_add_extremes(x.data_ptr(), xmax.data_ptr(), xmin.data_ptr(), add_max.data_ptr(),
+                                add_min.data_ptr(), groups, g, gx.data_ptr(), _train_threads(x.numel()))
+
+
+def _train_threads(elements: int) -> int:
+    return torch.get_num_threads() if elements >= 1 << 16 else 1
 
 
 def _group(spec, k: int) -> tuple[int, int]:

@@ -61,6 +61,7 @@ from ..formats import ActSpec, FormatSpec, get_format
 from ..formats import int as intfmt
 from ..formats.activation import fake_quantize
 from ..formats.base import expand_groups, grouped
+from ..kernels import native
 from ..models import Adapter
 from ..nn import QuantLinear
 from ..nn.attention import attention_modules, enable, set_qkv
@@ -106,7 +107,9 @@ class _LWCFakeQuant(torch.autograd.Function):
     """ABQ-LLM/OmniQuant's fake-quantized weight with learned clipping, forward and backward
     written out: ``wq = (clamp(round(w/s) + z, 0, H) − z)·s`` with per-(row, group) ``s, z``
     from the clipped range; straight-through rounding; gradients to w (including through the
-    group max/min), γ and β equal autograd's on the unfused expression."""
+    group max/min), γ and β equal autograd's on the unfused expression. float32 weights take
+    the per-group sums and the max/min terms from two native passes where they are built
+    (:func:`anybit.kernels.native.fq_backward`; equal to float32 rounding)."""
 
     @staticmethod
     def forward(ctx, w, gamma, beta, g: int, bits: int, qmax: int, sym: bool):
@@ -143,15 +146,21 @@ class _LWCFakeQuant(torch.autograd.Function):
         g, bits, qmax, sym, top = ctx.cfg
         n, k = w.shape
         wg = w.view(n, k // g, g)
-        gq = gq.reshape(n, k // g, g)
-        se, ze = s.unsqueeze(-1), z.unsqueeze(-1)
-        u = wg / se
-        cpre = torch.round(u) + ze
-        inside = (cpre >= 0) & (cpre <= top)
-        c = cpre.clamp(0, top)
-        gw = torch.where(inside, gq, 0.0)
-        gs = (gq * (c - ze)).sum(-1) - (gw * u).sum(-1)           # direct path of s
-        gz = -(gq.sum(-1) - gw.sum(-1)) * s                         # outside: ∂wq/∂z = −s
+        fused = w.dtype == torch.float32 and native.has_fq_backward()
+        if fused:  # the same sums in one native pass (float32; summed in another order)
+            gw, gs, gzp, nmax, nmin = native.fq_backward(w.view(-1, g), gq.reshape(-1, g), s.reshape(-1), z.reshape(-1),
+                                                         wmax.reshape(-1), wmin.reshape(-1), top)
+            gs, gz = gs.view_as(s), -gzp.view_as(s) * s
+        else:
+            gq = gq.reshape(n, k // g, g)
+            se, ze = s.unsqueeze(-1), z.unsqueeze(-1)
+            u = wg / se
+            cpre = torch.round(u) + ze
+            inside = (cpre >= 0) & (cpre <= top)
+            c = cpre.clamp(0, top)
+            gw = torch.where(inside, gq, 0.0)
+            gs = (gq * (c - ze)).sum(-1) - (gw * u).sum(-1)           # direct path of s
+            gz = -(gq.sum(-1) - gw.sum(-1)) * s                         # outside: ∂wq/∂z = −s
         sin = (s_raw >= 1e-5).to(s.dtype)
         sg = torch.sigmoid(gamma)
         if sym:
@@ -179,6 +188,10 @@ class _LWCFakeQuant(torch.autograd.Function):
             g_beta = g_lo * wmin.clamp_max(0) * sb * (1 - sb)
             g_wmax = g_hi * sg * (wmax >= 0).to(s.dtype)
             g_wmin = g_lo * sb * (wmin <= 0).to(s.dtype)
+        if fused:
+            native.fq_add_extremes(gw, w.view(-1, g), wmax.reshape(-1), wmin.reshape(-1),
+                                   (g_wmax / nmax.view_as(s)).reshape(-1), (g_wmin / nmin.view_as(s)).reshape(-1))
+            return gw.view(n, k), g_gamma, g_beta, None, None, None, None
         ismax = wg == wmax.unsqueeze(-1)
         ismin = wg == wmin.unsqueeze(-1)
         gw = gw + torch.where(ismax, (g_wmax / ismax.sum(-1)).unsqueeze(-1), 0.0)

@@ -462,13 +462,15 @@ void anybit_bitplane_gemm(const float* x, int64_t M, int64_t K, const uint64_t* 
                            bias, y, nthreads))
 }
 
-#define DISPATCH_DEC(call)                  \
+// call in the namespace <prefix>_avx512, _avx2 or _portable, by the instruction set in use
+#define DISPATCH_NS(prefix, call)           \
     if (anybit_get_isa() == 2)              \
-        dec_avx512::call;                   \
+        prefix##_avx512::call;              \
     else if (anybit_get_isa() == 1)         \
-        dec_avx2::call;                     \
+        prefix##_avx2::call;                \
     else                                    \
-        dec_portable::call;
+        prefix##_portable::call;
+#define DISPATCH_DEC(call) DISPATCH_NS(dec, call)
 
 // decoding-step operators (kernels_decode.inc)
 void anybit_rmsnorm(const float* x, const float* w, float eps, float* out, int64_t rows, int64_t d) {
@@ -486,16 +488,24 @@ void anybit_silu_mul(const float* gu, int64_t rows, int64_t n, float* out) {
     DISPATCH_DEC(silu_mul(gu, rows, n, out))
 }
 
+#define DISPATCH_TRAIN(call) DISPATCH_NS(train, call)
+
 // block-training operators (kernels_train.inc); w32 or w16 (bfloat16 bits) receives the weight
 void anybit_pot_fake_weight(const float* log_abs, const float* sign, const float* lr, const float* lz,
                             const float* s, int64_t n, int64_t g, int64_t gs, int64_t k, int top, int zero,
                             float* levels, float* w32, uint16_t* w16, int nthreads) {
-    if (anybit_get_isa() == 2)
-        train_avx512::pot_fake_weight(log_abs, sign, lr, lz, s, n, g, gs, k, top, zero, levels, w32, w16, nthreads);
-    else if (anybit_get_isa() == 1)
-        train_avx2::pot_fake_weight(log_abs, sign, lr, lz, s, n, g, gs, k, top, zero, levels, w32, w16, nthreads);
-    else
-        train_portable::pot_fake_weight(log_abs, sign, lr, lz, s, n, g, gs, k, top, zero, levels, w32, w16, nthreads);
+    DISPATCH_TRAIN(pot_fake_weight(log_abs, sign, lr, lz, s, n, g, gs, k, top, zero, levels, w32, w16, nthreads))
+}
+
+void anybit_fq_backward(const float* x, const float* gy, const float* s, const float* z, const float* xmax,
+                        const float* xmin, int64_t groups, int64_t g, int top, float* gx, float* ds, float* gzp,
+                        float* nmax, float* nmin, int nthreads) {
+    DISPATCH_TRAIN(fq_backward(x, gy, s, z, xmax, xmin, groups, g, top, gx, ds, gzp, nmax, nmin, nthreads))
+}
+
+void anybit_fq_add_extremes(const float* x, const float* xmax, const float* xmin, const float* add_max,
+                            const float* add_min, int64_t groups, int64_t g, float* gx, int nthreads) {
+    DISPATCH_TRAIN(fq_add_extremes(x, xmax, xmin, add_max, add_min, groups, g, gx, nthreads))
 }
 
 // One prepared linear of the native decoding step (native.lin_struct builds it): kind 0 the
