@@ -51,7 +51,10 @@ $A compare $W --methods potptq --schemes W2A16G128
 $A compare $W --methods potptq:zero_level=false --schemes W3A16G128,W2A16G128
 $A compare $W --methods potptq:zero_level=false:steps=none,potptq:zero_level=false:steps=init,potptq:zero_level=false:steps=refine,potptq:zero_level=false --schemes W2A16G64
 # beyond the paper: ABQ-LLM's loss without window position 0, where SmolLM2 keeps one massive
-# activation (benchmarks/massive_activations.py) that dominates the MSE from block 11 on
+# activation (benchmarks/massive_activations.py) that dominates the MSE from block 11 on.
+# It trains with the native fake-quantizer backward (3e177ee), the W2*A8 row above without
+# it: gradients equal to float32 rounding, which alone moves 32-step results by a few percent
+# (docs/training.md)
 $A compare $W --methods abq:skip_positions=1 --schemes 'W2*A8G-1'
 $A report benchmarks/results/smollm2-budget --paper benchmarks/paper_budget.json \
   --title "SmolLM2-135M (Q4_1-dequantized), papers' epoch counts, C4 32 x 512"
