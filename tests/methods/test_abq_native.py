@@ -14,7 +14,7 @@ from anybit.formats.activation import fake_quantize
 from anybit.kernels import native
 from anybit.methods.abq import ABQLinear
 
-pytestmark = pytest.mark.skipif(not native.has_fq_backward(), reason="native kernels not built")
+pytestmark = pytest.mark.skipif(not native.has_train_kernels(), reason="native kernels not built")
 
 
 def _close(a, b, rtol=1e-4):
@@ -40,7 +40,7 @@ def test_clipped_weight_backward_native_equals_pytorch(sym, bits, levels, group,
     params = [p for p in (m.gamma, m.beta) if p is not None]
 
     def grads(use_native):
-        monkeypatch.setattr(native, "has_fq_backward", lambda: use_native)
+        monkeypatch.setattr(native, "has_train_kernels", lambda: use_native)
         wl = w.clone().requires_grad_()
         out = m.fake_weight(wl)
         return [out] + list(torch.autograd.grad((out * go).sum(), [wl] + params))
@@ -64,7 +64,7 @@ def test_per_token_backward_native_equals_pytorch(dtype, bits, k, monkeypatch):
     spec = ActSpec(bits, -1, False)
 
     def grad(use_native):
-        monkeypatch.setattr(native, "has_fq_backward", lambda: use_native)
+        monkeypatch.setattr(native, "has_train_kernels", lambda: use_native)
         xl = x.clone().requires_grad_()
         (fake_quantize(xl, spec, ste=True).float() * go.float()).sum().backward()
         return xl.grad

@@ -12,7 +12,7 @@ from anybit.kernels import native
 from anybit.methods import potptq
 from anybit.methods.potptq import PoTFakeLinear
 
-pytestmark = pytest.mark.skipif(not native.has_pot_fake_weight(), reason="native kernels not built")
+pytestmark = pytest.mark.skipif(not native.has_train_kernels(), reason="native kernels not built")
 
 SHAPES = [(12, 172, 32), (1, 77, 64), (33, 200, 128), (7, 96, -1), (5, 64, 64)]
 
@@ -33,7 +33,7 @@ def _fake(n, k, gs, fmt, bits, seed=0):
 
 
 def _weight_and_grad(fake, dtype, use_native, monkeypatch):
-    monkeypatch.setattr(potptq.native, "has_pot_fake_weight", lambda: use_native)
+    monkeypatch.setattr(potptq.native, "has_train_kernels", lambda: use_native)
     fake.gamma.grad = None
     w = fake.fake_weight(dtype)
     g = torch.randn(w.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -56,7 +56,7 @@ def test_native_fake_weight_equals_pytorch_bit_for_bit(n, k, gs, fmt, bits, dtyp
 
 def test_training_under_autocast_is_identical_with_and_without_the_native_pass(monkeypatch):
     def train(use_native):
-        monkeypatch.setattr(potptq.native, "has_pot_fake_weight", lambda: use_native)
+        monkeypatch.setattr(potptq.native, "has_train_kernels", lambda: use_native)
         torch.manual_seed(0)
         lin = torch.nn.Linear(200, 24)
         spec = FormatSpec("potz", 3, 64)

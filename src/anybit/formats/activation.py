@@ -142,7 +142,7 @@ class _PerTokenFakeQuant(torch.autograd.Function):
         levels = ctx.levels
         from ..kernels import native  # here: kernels import formats
 
-        if x.dtype in (torch.float32, torch.bfloat16) and native.has_fq_backward():
+        if x.dtype in (torch.float32, torch.bfloat16) and native.has_train_kernels():
             # the same sums in one native pass (summed in another order than below)
             k = x.shape[-1]
             x2 = x.reshape(-1, k)

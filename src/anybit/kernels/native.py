@@ -90,7 +90,7 @@ def _load():
         lib.anybit_silu_mul.argtypes = [p, i64, i64, p]
         lib.anybit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, c_float, p]
         lib.anybit_lin_call.argtypes = [p, p, p]
-        if hasattr(lib, "anybit_pot_fake_weight"):  # older builds (benchmarks/ab_native.py loads them) lack it
+        if hasattr(lib, "anybit_pot_fake_weight"):  # older builds (benchmarks/ab_native.py loads them) lack them
             lib.anybit_pot_fake_weight.argtypes = [p, p, p, p, p, i64, i64, i64, i64, c_int, c_int, p, p, p, c_int]
             lib.anybit_pot_fake_weight.restype = None
             lib.anybit_fq_backward.argtypes = [p, p, p, p, p, p, i64, i64, c_int, p, p, p, p, p, c_int]
@@ -239,25 +239,28 @@ def _ptr(t: torch.Tensor | None):
 PARALLEL_MIN_WORK = 1 << 20
 
 
+# An elementwise pass over one value counts as this many products for _threads: a pass
+# over 64K values (a 576 x 128 block) goes parallel
+ELEMENTWISE_WORK = 16
+
+
 def _threads(work: int = PARALLEL_MIN_WORK) -> int:
     return torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
 
 
-def has_pot_fake_weight() -> bool:
-    """Whether the native PoTPTQ training pass (:func:`pot_fake_weight`) is built."""
+def has_train_kernels() -> bool:
+    """Whether the block-training kernels (:func:`pot_fake_weight`, :func:`fq_backward`,
+    :func:`fq_add_extremes`; built together) are in this build."""
     lib = _load()
     return lib is not None and hasattr(lib, "anybit_pot_fake_weight")
 
 
 def pot_fake_weight(log_abs: torch.Tensor, sign: torch.Tensor, s_hat: torch.Tensor, k: int, top: int, zero: bool,
-                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """PoTPTQ's training-time weight ``Ŝ · sign · 2^e`` with ``e = clamp(round(log2|w| − log2 Ŝ),
     0, top)`` (0 where ``zero`` and ``log2|w| − log2 Ŝ < −1``) in one native pass: returns
     the levels ``sign · 2^e`` ``[N, G, g]`` (float32) and the weight ``[N, k]`` in ``dtype``
-    (float32 or bfloat16), equal bit for bit to the PyTorch expression; None where the
-    kernel is not built or the dtype is another (the caller computes it in PyTorch)."""
-    if not has_pot_fake_weight() or dtype not in (torch.float32, torch.bfloat16):
-        return None
+    (float32 or bfloat16), equal bit for bit to the PyTorch expression."""
     n, g, gs = log_abs.shape
     log_abs, sign = log_abs.float().contiguous(), sign.float().contiguous()
     s_hat = s_hat.detach().float().contiguous()
@@ -269,14 +272,8 @@ def pot_fake_weight(log_abs: torch.Tensor, sign: torch.Tensor, s_hat: torch.Tens
     _lib.anybit_pot_fake_weight(log_abs.data_ptr(), sign.data_ptr(), lr.data_ptr(), lz.data_ptr(), s_hat.data_ptr(),
                                 n, g, gs, k, int(top), int(zero), levels.data_ptr(),
                                 None if is16 else w.data_ptr(), w.data_ptr() if is16 else None,
-                                _train_threads(n * g * gs))
+                                _threads(ELEMENTWISE_WORK * n * g * gs))
     return levels, w
-
-
-def has_fq_backward() -> bool:
-    """Whether the native fake-quantizer backward (:func:`fq_backward`) is built."""
-    lib = _load()
-    return lib is not None and hasattr(lib, "anybit_fq_backward")
 
 
 def fq_backward(x: torch.Tensor, gy: torch.Tensor, s: torch.Tensor, z: torch.Tensor, xmax: torch.Tensor,
@@ -293,7 +290,7 @@ def fq_backward(x: torch.Tensor, gy: torch.Tensor, s: torch.Tensor, z: torch.Ten
     ds, gzp, nmax, nmin = (torch.empty(groups) for _ in range(4))
     _lib.anybit_fq_backward(x.data_ptr(), gy.data_ptr(), s.data_ptr(), z.data_ptr(), xmax.data_ptr(),
                             xmin.data_ptr(), groups, g, int(top), gx.data_ptr(), ds.data_ptr(), gzp.data_ptr(),
-                            nmax.data_ptr(), nmin.data_ptr(), _train_threads(x.numel()))
+                            nmax.data_ptr(), nmin.data_ptr(), _threads(ELEMENTWISE_WORK * x.numel()))
     return gx, ds, gzp, nmax, nmin
 
 
@@ -305,11 +302,7 @@ def fq_add_extremes(gx: torch.Tensor, x: torch.Tensor, xmax: torch.Tensor, xmin:
     x = x.float().contiguous()
     xmax, xmin, add_max, add_min = (t.float().contiguous() for t in (xmax, xmin, add_max, add_min))
     _lib.anybit_fq_add_extremes(x.data_ptr(), xmax.data_ptr(), xmin.data_ptr(), add_max.data_ptr(),
-                                add_min.data_ptr(), groups, g, gx.data_ptr(), _train_threads(x.numel()))
-
-
-def _train_threads(elements: int) -> int:
-    return torch.get_num_threads() if elements >= 1 << 16 else 1
+                                add_min.data_ptr(), groups, g, gx.data_ptr(), _threads(ELEMENTWISE_WORK * x.numel()))
 
 
 def _group(spec, k: int) -> tuple[int, int]:

@@ -146,7 +146,7 @@ class _LWCFakeQuant(torch.autograd.Function):
         g, bits, qmax, sym, top = ctx.cfg
         n, k = w.shape
         wg = w.view(n, k // g, g)
-        fused = w.dtype == torch.float32 and native.has_fq_backward()
+        fused = w.dtype == torch.float32 and native.has_train_kernels()
         if fused:  # the same sums in one native pass (float32; summed in another order)
             gw, gs, gzp, nmax, nmin = native.fq_backward(w.view(-1, g), gq.reshape(-1, g), s.reshape(-1), z.reshape(-1),
                                                          wmax.reshape(-1), wmin.reshape(-1), top)

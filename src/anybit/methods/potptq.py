@@ -142,7 +142,7 @@ class PoTFakeLinear(nn.Module):
         and only clamped weights (rounded exponent outside 0..E) move Ŝ: measured in
         docs/potptq.md."""
         s_hat = self.current_scales()
-        if self.straight_through == "scale" and dtype in (torch.float32, torch.bfloat16) and native.has_pot_fake_weight():
+        if self.straight_through == "scale" and dtype in (torch.float32, torch.bfloat16) and native.has_train_kernels():
             return _NativePoTWeight.apply(s_hat, self.log_abs, self.sign, self.k, pot.top_exponent(self.spec),
                                           pot.has_zero(self.spec), dtype)
         with torch.no_grad():
