@@ -128,7 +128,7 @@ def test_training_moves_every_parameter_group_and_lowers_block_error():
     # and in their sum (the error vs the float chain also carries what earlier blocks left in
     # the inputs). Not in every block: 32 Adam steps on a quantized loss follow rounding-level
     # differences in the gradient (noise of 1e-7 relative moves a block's own error by a few
-    # percent, enough to turn a 1 % drop into a rise in one block)
+    # percent, enough to turn a 1 % drop into a rise in one block: benchmarks/abq_gradient_noise.py)
     falls = [b["own_error_after"] < b["own_error_before"] for b in blocks]
     assert sum(falls) >= 4, blocks
     assert sum(b["own_error_after"] for b in blocks) < sum(b["own_error_before"] for b in blocks)
